@@ -1,0 +1,1 @@
+"""Triton kernels of pcfast (importable as ``pcfast.kernels``)."""

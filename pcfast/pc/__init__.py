@@ -1,0 +1,6 @@
+"""The predictive-coding engine: node graphs, energies, inference schedules, local updates."""
+
+from pcfast.pc.engine import SCHEDULES, PCEngine, PCResult
+from pcfast.pc.graph import Node, PCGraph, sequential_graph
+
+__all__ = ["SCHEDULES", "Node", "PCEngine", "PCGraph", "PCResult", "sequential_graph"]
