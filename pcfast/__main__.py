@@ -1,0 +1,5 @@
+import sys
+
+from pcfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,244 @@
+"""``run_training``: the epoch loop behind ``pcfast train`` and the experiments.
+
+Per epoch it writes a metrics row (JSON lines), the curves (PNG) and an atomic checkpoint; with
+``resume`` it continues from the last complete checkpoint and keeps the metrics that led to it.
+A non-finite loss or energy stops the run with :class:`TrainingDiverged`, leaving the last good
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pcfast.data.pipeline import build_data
+from pcfast.models import build_model, count_parameters
+from pcfast.train.checkpoint import (
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    write_json,
+    write_metrics,
+)
+from pcfast.train.config import TrainConfig
+from pcfast.train.plots import plot_curves
+from pcfast.train.rules import Rule, build_optimizer, build_rule
+from pcfast.train.schedule import LRSchedule
+
+SYNC_EVERY = 20  # optimizer steps between host syncs (progress bar, divergence check)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the PC energy became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, num_classes: int = 10) -> dict[str, Any]:
+    """Mean cross-entropy, accuracy and per-class accuracy of ``model`` on ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=loader.device)
+    correct = torch.zeros(num_classes, device=loader.device)
+    total = torch.zeros(num_classes, device=loader.device)
+    for x, y in loader:
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        hit = (logits.argmax(1) == y).float()
+        correct += torch.bincount(y, weights=hit, minlength=num_classes)[:num_classes]
+        total += torch.bincount(y, minlength=num_classes)[:num_classes].float()
+    model.train(was_training)
+    n = total.sum().item()
+    per_class = (correct / total.clamp(min=1)).tolist()
+    return {"loss": loss.item() / max(n, 1), "acc": correct.sum().item() / max(n, 1),
+            "acc_per_class": per_class}
+
+
+def _apply_init(model: torch.nn.Module, init: str) -> None:
+    if init == "default":
+        return
+    from pcfast.models.init import apply_init
+
+    apply_init(model, init)
+
+
+class _Run:
+    """State of one run; ``run_training`` drives it."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None]) -> None:
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = build_data(cfg, self.device, log)
+        self.model = build_model(cfg.model, **cfg.model_kwargs).to(self.device)
+        _apply_init(self.model, cfg.init)
+        self.rule: Rule = build_rule(self.model, cfg)
+        self.optimizer = build_optimizer(self.rule.parameter_groups(), cfg)
+        self.schedule = LRSchedule(self.optimizer, cfg)
+        self.rows: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.step = 0
+        self.train_error: float | None = None
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "step": self.step, "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else {},
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }
+
+    def restore(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path, self.device)
+        old = ckpt["config"]
+        for key in ("model", "rule", "model_kwargs"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise ValueError(
+                    f"--resume: the checkpoint in {self.out} was trained with {key}={old.get(key)!r}, "
+                    f"not {getattr(self.cfg, key)!r}; use another --out-dir or the same options"
+                )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        if ckpt.get("rule") and hasattr(self.rule, "load_state_dict"):
+            self.rule.load_state_dict(ckpt["rule"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt.get("rng_cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        self.epoch, self.step = ckpt["epoch"] + 1, ckpt["step"]
+        self.rows = [r for r in read_metrics(self.metrics_path) if r["epoch"] <= ckpt["epoch"]]
+        write_metrics(self.metrics_path, self.rows)
+        self.log(f"Resuming {self.out} after epoch {ckpt['epoch'] + 1} (step {self.step}).")
+
+    # ---------------------------------------------------------------------- epochs
+    def num_epochs(self) -> int:
+        if self.cfg.iterations:
+            return math.ceil(self.cfg.iterations / len(self.data.train))
+        return self.cfg.epochs
+
+    def train_epoch(self, total_epochs: int) -> dict[str, float]:
+        cfg, loader = self.cfg, self.data.train
+        loader.set_epoch(self.epoch)
+        self.schedule.on_epoch_start(self.epoch)
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        means: dict[str, float] = {}
+        bar = tqdm(total=len(loader), desc=f"epoch {self.epoch + 1}/{total_epochs}",
+                   disable=not cfg.progress, leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            if cfg.iterations and self.step >= cfg.iterations:
+                break
+            self.schedule.on_iteration(self.step, self.train_error)
+            out = self.rule.train_step(x, y, self.optimizer)
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() * x.shape[0]
+            seen += x.shape[0]
+            self.step += 1
+            bar.update()
+            if (i + 1) % SYNC_EVERY == 0:
+                means = self._sync(sums, seen, i + 1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+        means = self._sync(sums, seen, len(loader)) if seen else {}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        bar.close()
+        means.update(seconds=seconds, images=seen)
+        return means
+
+    def _sync(self, sums: dict[str, torch.Tensor], seen: int, batch: int) -> dict[str, float]:
+        means = {k: (v / seen).item() for k, v in sums.items()}
+        bad = {k: v for k, v in means.items() if not math.isfinite(v)}
+        if bad:
+            last = f"epoch {self.epoch}" if self.ckpt_path.exists() else "none was written yet"
+            raise TrainingDiverged(
+                f"training diverged at epoch {self.epoch + 1}, batch {batch}: "
+                + ", ".join(f"{k}={v}" for k, v in bad.items())
+                + f". The last good checkpoint ({self.ckpt_path}, {last}) is intact; lower --lr "
+                "or --rate, or set --error-clamp / --grad-clip, then run again with --resume"
+            )
+        if "accuracy" in means:
+            self.train_error = 1.0 - means["accuracy"]
+        return means
+
+    def end_epoch(self, train: dict[str, float]) -> dict[str, Any]:
+        test = evaluate(self.model, self.data.test)
+        row: dict[str, Any] = {
+            "epoch": self.epoch + 1, "step": self.step, "lr": self.schedule.current_lr(),
+            "train_loss": train.get("loss"), "train_acc": train.get("accuracy"),
+            "train_error": None if "accuracy" not in train else 1.0 - train["accuracy"],
+            "test_loss": test["loss"], "test_acc": test["acc"],
+            "test_acc_per_class": test["acc_per_class"],
+            "epoch_seconds": train["seconds"],
+            "images_per_s": train["images"] / max(train["seconds"], 1e-9),
+        }
+        for k, v in train.items():
+            if k not in ("loss", "accuracy", "seconds", "images"):
+                row[k] = v
+        eval_error = 1.0 - test["acc"]
+        if self.data.val is not None:
+            val = evaluate(self.model, self.data.val)
+            row.update(val_loss=val["loss"], val_acc=val["acc"])
+            eval_error = 1.0 - val["acc"]
+        row.update(self.rule.epoch_metrics(self.data.test))
+        row["best_test_acc"] = max([r["test_acc"] for r in self.rows] + [test["acc"]])
+        self.schedule.on_epoch_end(eval_error)
+        return row
+
+
+def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train as ``cfg`` says; returns the per-epoch metric rows (also in ``metrics.jsonl``).
+
+    Example::
+
+        rows = run_training(TrainConfig(rule="bp", epochs=1, train_subset=512, out_dir="runs/x"))
+        rows[-1]["test_acc"]
+    """
+    run = _Run(cfg, log)
+    if cfg.resume and run.ckpt_path.exists():
+        run.restore()
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {run.out} yet, starting afresh.")
+    write_json(run.out / "config.json", cfg.to_dict())
+    total = run.num_epochs()
+    if run.epoch == 0:
+        write_metrics(run.metrics_path, [])
+        log(f"{cfg.model} ({count_parameters(run.model):,} parameters), rule {cfg.rule}, "
+            f"{total} epochs of {len(run.data.train)} batches on {run.device}; data: "
+            f"{run.data.source}; writing to {run.out}")
+    while run.epoch < total and not (cfg.iterations and run.step >= cfg.iterations):
+        train = run.train_epoch(total)
+        row = run.end_epoch(train)
+        run.rows.append(row)
+        write_metrics(run.metrics_path, run.rows)
+        save_checkpoint(run.ckpt_path, run.state())
+        plot_curves(run.rows, run.out / "curves.png", title=f"{cfg.model} / {cfg.rule}")
+        log(f"epoch {row['epoch']}/{total}: train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.4f} | test loss {row['test_loss']:.4f} "
+            f"acc {row['test_acc']:.4f} | {row['epoch_seconds']:.1f} s, "
+            f"{row['images_per_s']:.0f} img/s")
+        run.epoch += 1
+    return run.rows
