@@ -33,7 +33,10 @@ class DualPathDWConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # the default init of nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dual_path_dwconv_ref(x, self.weight, self.stride)
+        # Imported here, not at the top: pcfast.ops.dwconv imports the reference from this module.
+        from pcfast.ops.dwconv import dual_path_dwconv
+
+        return dual_path_dwconv(x, self.weight, self.stride, backend="auto")
 
     def extra_repr(self) -> str:
         return f"{self.channels}, stride={self.stride}"

@@ -1,0 +1,113 @@
+"""Optional loader of the compiled extension ``pcfast._C``.
+
+``pcfast._C`` registers C++/CUDA ops under ``torch.ops.pcfast``. It may be missing (pure-Python
+install, ``PCFAST_SKIP_EXT=1``), fail to load (built against another torch), or be stale (built
+from other sources than ``csrc/`` holds now, in a source checkout). Ops then fall back to their
+reference path with one warning; asking for a compiled backend explicitly raises an error that
+says how to rebuild.
+
+Example::
+
+    from pcfast.ops import _ext
+    if _ext.has_kernel("dwconv_fwd", "cpu"):
+        ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+REBUILD_HINT = "rebuild it with `MAX_JOBS=1 pip install --no-build-isolation -e .` in the repo root"
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+_module: ModuleType | None = None
+_reason: str | None = None
+_loaded = False
+_warned = False
+
+
+def source_hash(csrc: Path = _CSRC) -> str:
+    """SHA-256 prefix over the ``csrc/`` sources; identical to ``setup.py``'s ``source_hash``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in csrc.iterdir() if p.suffix in SOURCE_SUFFIXES):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _stale_reason(module: ModuleType) -> str | None:
+    built_torch = getattr(module, "torch_version", "unknown")
+    if built_torch != torch.__version__:
+        return f"pcfast._C was built against torch {built_torch}, running torch {torch.__version__}"
+    if _CSRC.is_dir():
+        built, current = getattr(module, "source_hash", "unknown"), source_hash()
+        if built != current:
+            return (f"pcfast._C is stale: built from csrc/ sources {built}, "
+                    f"csrc/ now hashes to {current}")
+    return None
+
+
+def load() -> ModuleType | None:
+    """Import ``pcfast._C`` once; return it, or None when it is missing, broken or stale."""
+    global _module, _reason, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            module = importlib.import_module("pcfast._C")
+        except (ImportError, OSError) as exc:
+            _reason = f"pcfast._C could not be imported ({exc})"
+        else:
+            _reason = _stale_reason(module)
+            _module = module if _reason is None else None
+    return _module
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension is not used, or None when it is loaded and current."""
+    load()
+    return _reason
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when the loaded extension has a kernel of ``pcfast::<op>`` for ``device_type``."""
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None or load() is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pcfast::{op}", key)
+
+
+def require(op: str, device_type: str) -> None:
+    """Raise a RuntimeError naming the problem and the rebuild command unless the kernel exists."""
+    if has_kernel(op, device_type):
+        return
+    if load() is None:
+        raise RuntimeError(f"{unavailable_reason()}; {REBUILD_HINT}")
+    if device_type == "cuda":
+        raise RuntimeError(
+            f"pcfast._C was built without CUDA kernels (no nvcc or CPU-only torch at build time, "
+            f"or PCFAST_SKIP_CUDA=1), so pcfast::{op} has no CUDA backend; with nvcc and a "
+            f"CUDA-enabled torch, {REBUILD_HINT}")
+    raise RuntimeError(f"pcfast::{op} has no compiled kernel for device type {device_type!r}")
+
+
+def warn_fallback(op: str, device_type: str) -> None:
+    """Warn once per process that compiled ops fall back to the reference path."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    reason = unavailable_reason() or f"pcfast._C has no {device_type} kernel for pcfast::{op}"
+    warnings.warn(
+        f"{reason}; pcfast ops use the slower PyTorch reference path. To use the compiled ops, "
+        f"{REBUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
