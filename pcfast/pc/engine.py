@@ -24,6 +24,7 @@ from pcfast.pc.energy import OUTPUT_LOSSES, frozen_running_stats, output_energy,
 from pcfast.pc.graph import PCGraph
 
 SCHEDULES = ("jacobi", "sequential")
+BACKENDS = ("reference", "fast", "auto")
 
 
 @dataclass
@@ -63,7 +64,11 @@ class PCEngine:
         fpa: fixed prediction assumption (default); ``False`` is strict PC.
         output_loss: ``"ce"`` (default) or ``"mse"``.
         error_clamp: if set, clamp the propagated errors ``sum_v J_vu^T e_v`` to ``[-c, c]``.
-        backend: ``"reference"`` (this file); faster backends are chosen by name.
+        backend: ``"reference"`` (this file), ``"fast"`` (``pcfast.pc.fast``: fused kernels,
+            CUDA graphs; FPA only) or ``"auto"`` (fast for CUDA batches under FPA, else
+            reference; decided per batch).
+        backend_options: keyword options of the fast path (``kernels``, ``cuda_graph``,
+            ``autocast``; see :class:`pcfast.pc.fast.FastPCEngine`).
 
     Example::
 
@@ -74,7 +79,7 @@ class PCEngine:
     def __init__(self, graph: PCGraph, T: int = 100, rate: float = 0.5,
                  schedule: str = "jacobi", fpa: bool = True, output_loss: str = "ce",
                  error_clamp: float | None = None, backend: str = "reference",
-                 record_energy: bool = False) -> None:
+                 record_energy: bool = False, backend_options: dict | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if output_loss not in OUTPUT_LOSSES:
@@ -85,8 +90,13 @@ class PCEngine:
             raise ValueError(f"rate must be positive, got {rate}")
         if error_clamp is not None and not error_clamp > 0:
             raise ValueError(f"error_clamp must be positive or None, got {error_clamp}")
-        if backend != "reference":
-            raise ValueError(f"unknown PC backend {backend!r}; available: 'reference'")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown PC backend {backend!r}; available: {BACKENDS}")
+        if backend == "fast" and not fpa:
+            raise ValueError("backend='fast' supports fpa=True only; "
+                             "use backend='reference' for strict PC")
+        self.backend_options = dict(backend_options or {})
+        self._fast = None
         self.graph = graph
         self.T = int(T)
         self.rate = float(rate)
@@ -110,10 +120,22 @@ class PCEngine:
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> PCResult:
         """Relax the errors for ``(x, y)`` and accumulate the PC weight gradients into ``.grad``."""
+        if self.backend != "reference" and self.fpa and (self.backend == "fast" or x.is_cuda):
+            return self._fast_engine().compute_gradients(x, y)
         self._check_batch(x, y)
         if self.fpa:
             return self._run_fpa(x, y)
         return self._run_strict(x, y)
+
+    def _fast_engine(self):
+        """The fast path (``pcfast.pc.fast``), built on first use, with this engine's settings."""
+        if self._fast is None:
+            from pcfast.pc.fast import FastPCEngine
+
+            self._fast = FastPCEngine(self.graph, **self.backend_options)
+        for name in ("T", "rate", "schedule", "output_loss", "error_clamp", "record_energy"):
+            setattr(self._fast, name, getattr(self, name))
+        return self._fast
 
     # ------------------------------------------------------------------------------ FPA
     def _feedforward_graph(self, x: torch.Tensor):

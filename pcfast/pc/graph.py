@@ -69,6 +69,11 @@ class PCGraph:
         self.depth = depth[self.output]
         self.modules = nn.ModuleList(n.fn for n in self.nodes if isinstance(n.fn, nn.Module))
 
+    def to(self, *args, **kwargs) -> PCGraph:
+        """Move or cast every node module (as ``nn.Module.to``); returns the graph."""
+        self.modules.to(*args, **kwargs)
+        return self
+
     def parameters(self) -> list[nn.Parameter]:
         """Every trainable parameter reachable from the nodes, each once."""
         return [p for p in self.modules.parameters() if p.requires_grad]
