@@ -93,7 +93,6 @@ def build_augment(name: str, train_images: torch.Tensor):
     try:
         factory = AUGMENT_FACTORIES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown extra augmentation {name!r}; choose from: {', '.join(sorted(AUGMENT_FACTORIES)) or 'none registered'}"
-        ) from None
+        known = ", ".join(sorted(AUGMENT_FACTORIES)) or "none registered"
+        raise ValueError(f"unknown extra augmentation {name!r}; choose from: {known}") from None
     return factory(train_images)

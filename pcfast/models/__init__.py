@@ -9,12 +9,28 @@ from collections.abc import Callable
 
 from torch import nn
 
+from pcfast.dtp.net import DTPNet
+from pcfast.models.cifar_resnet import CifarResNet, cifar_resnet_factory
 from pcfast.models.dualpath import DualPathDWConv
+from pcfast.models.mixer import MLPMixer
 from pcfast.models.pc_resdualnet import PCResDualNet
 from pcfast.models.resdualnet import ResDualNet
+from pcfast.models.resnet18 import ResNet, resnet18, resnet34
+from pcfast.models.simple import CNN, MLP, ResCNN
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resdualnet": ResDualNet,
+    # CIFAR ResNets of He et al. 2016 (option A shortcuts; shortcut="B" for projections)
+    **{f"resnet{d}": cifar_resnet_factory(d, plain=False) for d in (20, 32, 44, 56, 110, 1202)},
+    **{f"plain{d}": cifar_resnet_factory(d, plain=True) for d in (20, 32, 44, 56, 110)},
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "mlp": MLP,
+    "cnn": CNN,
+    "rescnn": ResCNN,
+    "mixer": MLPMixer,
+    # the DTP baseline MLP (forward and feedback layers); BP trains its forward layers
+    "dtp-mlp": DTPNet,
 }
 
 
@@ -39,5 +55,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["MODELS", "DualPathDWConv", "PCResDualNet", "ResDualNet", "build_model",
-           "count_parameters", "register_model"]
+__all__ = ["CNN", "MLP", "MODELS", "CifarResNet", "DualPathDWConv", "MLPMixer", "PCResDualNet",
+           "ResCNN", "ResDualNet", "ResNet", "build_model", "count_parameters", "register_model"]

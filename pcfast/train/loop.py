@@ -128,7 +128,7 @@ class _Run:
         if ckpt.get("rng_cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         self.epoch, self.step = ckpt["epoch"] + 1, ckpt["step"]
-        self.rows = [r for r in read_metrics(self.metrics_path) if r["epoch"] <= ckpt["epoch"]]
+        self.rows = [r for r in read_metrics(self.metrics_path) if r["epoch"] <= ckpt["epoch"] + 1]
         write_metrics(self.metrics_path, self.rows)
         self.log(f"Resuming {self.out} after epoch {ckpt['epoch'] + 1} (step {self.step}).")
 

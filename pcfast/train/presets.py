@@ -47,6 +47,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "model-template": dict(model="mlp", rule="bp", optimizer="adam", lr=1e-3, betas=(0.9, 0.999),
                            weight_decay=1e-4, grad_clip=1.0, batch_size=500, epochs=30,
                            lr_schedule="constant", augment="none", preprocess="half"),
+    # The DTP baseline MLP (Lee et al. 2015): 3072-1000-1000-1000-10 tanh, LogSoftmax output,
+    # eta_hat 0.5, noise sigma 0.1, one feedback update per forward update, Adam 1e-4 (forward)
+    # and 1e-3 (feedback), batch 128, 100 epochs, no augmentation, per-channel normalisation.
+    "dtp-baseline": dict(model="dtp-mlp", rule="dtp", optimizer="adam", lr=1e-4, batch_size=128,
+                         epochs=100, lr_schedule="constant", augment="none", preprocess="channel",
+                         rule_options=dict(eta_hat=0.5, sigma=0.1, feedback_lr=1e-3,
+                                           feedback_updates=1, feedback_loss="dtp")),
 }
 
 

@@ -1,0 +1,57 @@
+"""Running one training of an experiment: preset + per-run options + the command-line overrides.
+
+Every run lives in its own sub-folder of the experiment's run directory and always resumes, so
+re-running an interrupted experiment continues where it stopped and skips finished runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pcfast.train import preset_config, run_training
+
+# --quick: tiny subsets and two optimizer steps per run; checks an experiment end to end.
+QUICK = dict(train_subset=32, test_subset=32, val_split=32, batch_size=8, eval_batch_size=32,
+             iterations=2)
+
+
+def run_dir(args: Any, experiment: str) -> Path:
+    """``args.run_dir`` or ``runs/<experiment>``."""
+    return Path(getattr(args, "run_dir", None) or Path("runs") / experiment)
+
+
+def overrides(args: Any) -> dict[str, Any]:
+    """Training options that the experiment's command line sets for every run.
+
+    ``--quick`` shrinks the data and the step count; ``--epochs`` replaces an iteration budget;
+    ``--iterations`` sets one (both win over ``--quick``'s step count).
+    """
+    values: dict[str, Any] = dict(QUICK) if getattr(args, "quick", False) else {}
+    if getattr(args, "epochs", None):
+        values.update(epochs=args.epochs, iterations=None)
+    if getattr(args, "iterations", None):
+        values["iterations"] = args.iterations
+    values.update(device=getattr(args, "device", "auto") or "auto",
+                  data_dir=getattr(args, "data_dir", None), seed=getattr(args, "seed", 0),
+                  allow_unofficial_data=bool(getattr(args, "allow_unofficial_data", False)),
+                  resume=True)
+    if getattr(args, "quick", False):
+        values["progress"] = False
+    return values
+
+
+def train_run(args: Any, experiment: str, name: str, preset: str,
+              **options: Any) -> list[dict[str, Any]]:
+    """Train (or resume, or just reload) run ``name`` of ``experiment``; returns its rows.
+
+    ``options`` are the run's own settings on top of ``preset`` (model, model_kwargs,
+    preprocess, ...); the command-line overrides win over both.
+
+    Example::
+
+        rows = train_run(args, "resnet-depth", "plain20", "he-cifar", model="plain20")
+    """
+    values = {**options, **overrides(args)}
+    values["out_dir"] = str(run_dir(args, experiment) / name)
+    return run_training(preset_config(preset, **values))

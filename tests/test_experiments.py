@@ -1,0 +1,134 @@
+"""The model-zoo experiments end to end (``--quick``), their resume, presets and reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pcfast.experiments import load_all
+from pcfast.experiments.report import final_metrics, markdown_table, pct
+from pcfast.train import TrainConfig, preset_config
+from pcfast.train.rules import build_optimizer
+from pcfast.train.schedule import LRSchedule
+
+
+def _args(run_dir: Path, **kw) -> SimpleNamespace:
+    values = dict(run_dir=str(run_dir), epochs=None, iterations=None, device="cpu",
+                  data_dir=str(run_dir / "no-data"), seed=0, quick=True,
+                  allow_unofficial_data=True)
+    values.update(kw)
+    return SimpleNamespace(**values)
+
+
+@pytest.fixture(autouse=True)
+def _synthetic_data(monkeypatch, tmp_path):
+    # CI speed: the built-in synthetic set instead of reading CIFAR-10 once per run.
+    monkeypatch.delenv("PCFAST_CIFAR10_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+RUNS = {
+    "resnet-depth": [f"{k}{d}" for k in ("plain", "resnet") for d in (20, 32, 44, 56)],
+    "preprocessing": ["pixel-mean", "pixel-mean-div255", "zca"],
+    "model-zoo": ["mlp", "cnn", "rescnn", "mixer-p4-c128", "mixer-p2-c128", "mixer-p4-c192",
+                  "mixer-p2-c192"],
+    "resnet18-34": ["resnet18", "resnet34"],
+}
+PLOTS = {"resnet-depth": "degradation.png", "preprocessing": "curves.png",
+         "model-zoo": "curves.png", "resnet18-34": "curves.png"}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_quick_experiment_end_to_end(name, tmp_path):
+    experiments = load_all()
+    assert name in experiments
+    results = experiments[name].fn(_args(tmp_path))
+    for run in RUNS[name]:
+        rows = _rows(tmp_path / run / "metrics.jsonl")
+        assert len(rows) == 1 and rows[0]["step"] == 2  # --quick: two optimizer steps
+        assert (tmp_path / run / "checkpoint.pt").stat().st_size > 0
+    assert (tmp_path / PLOTS[name]).read_bytes()[:4] == b"\x89PNG"
+    summary = (tmp_path / "summary.md").read_text()
+    table = [line for line in summary.splitlines() if line.startswith("| ")]
+    assert len(table) >= 2 + len(RUNS[name])
+    for run in RUNS[name]:
+        assert f"| {run} |" in summary or f"-{run[-2:]} |" in summary
+    if name == "resnet-depth":
+        for paper in ("8.75", "7.51", "7.17", "6.97"):
+            assert f"| {paper} |" in summary
+        assert set(results) == {"plain", "resnet"}
+    if name == "model-zoo":
+        assert "| 1,132,170 |" in summary  # MLP-Mixer p4 C128 N8 D_S 64 D_C 512, by hand:
+        # patch 3*4*4*128+128 + 8 * (4*128 + 64*64*2+64+64 + 128*512*2+512+128) + 256 + 1290
+
+
+def test_experiment_resumes_and_skips_finished_runs(tmp_path):
+    run = load_all()["preprocessing"].fn
+    run(_args(tmp_path, epochs=1))
+    first = _rows(tmp_path / "zca" / "metrics.jsonl")
+    run(_args(tmp_path, epochs=2))  # as after an interruption: continue to epoch 2
+    rows = _rows(tmp_path / "zca" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0] == first[0]  # epoch 1 was restored, not retrained
+    assert rows[1]["step"] == 8  # 32 images / batch 8 = 4 steps per epoch
+    ckpt = tmp_path / "zca" / "checkpoint.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    run(_args(tmp_path, epochs=2))  # finished: nothing is trained again
+    assert ckpt.stat().st_mtime_ns == stamp
+    assert len(_rows(tmp_path / "zca" / "metrics.jsonl")) == 2
+
+
+def _lr_at(cfg: TrainConfig, step: int, train_error: float | None = None) -> float:
+    model = torch.nn.Linear(2, 2)
+    schedule = LRSchedule(build_optimizer([{"params": model.parameters()}], cfg), cfg)
+    schedule.on_epoch_start(0)
+    schedule.on_iteration(step, train_error)
+    return schedule.current_lr()
+
+
+def test_he_preset_schedule():
+    cfg = preset_config("he-cifar")
+    assert (cfg.optimizer, cfg.momentum, cfg.weight_decay) == ("sgd", 0.9, 1e-4)
+    assert cfg.batch_size == 128
+    assert cfg.iterations == 64000 and cfg.val_split == 5000 and cfg.augment == "flip-crop"
+    lrs = [_lr_at(cfg, s) for s in (0, 31999, 32000, 47999, 48000, 63999)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_resnet110_warmup_until_training_error_below_80_percent():
+    cfg = preset_config("he-cifar-110")
+    assert cfg.model == "resnet110"
+    assert _lr_at(cfg, 10, train_error=0.85) == pytest.approx(0.01)
+    assert _lr_at(cfg, 10, train_error=0.79) == pytest.approx(0.1)
+
+
+def test_other_presets():
+    r18 = preset_config("resnet18-cifar")
+    assert (r18.optimizer, r18.lr, r18.batch_size, r18.lr_schedule) == ("sgd", 0.1, 256, "plateau")
+    tpl = preset_config("model-template")
+    assert (tpl.optimizer, tpl.lr, tpl.betas, tpl.weight_decay, tpl.grad_clip, tpl.batch_size,
+            tpl.preprocess) == ("adam", 1e-3, (0.9, 0.999), 1e-4, 1.0, 500, "half")
+
+
+def test_report_helpers():
+    rows = [{"epoch": 1, "step": 4, "train_error": 0.5, "test_acc": 0.6},
+            {"epoch": 2, "step": 8, "train_error": 0.4, "test_acc": 0.55, "val_acc": 0.7}]
+    m = final_metrics(rows)
+    assert m["final_test_error"] == pytest.approx(0.45)
+    assert m["best_test_error"] == pytest.approx(0.4)
+    assert m["final_val_error"] == pytest.approx(0.3)
+    assert pct(0.0875) == "8.75" and pct(None) == "—"
+    table = markdown_table(["net", "err"], [["a", "8.75"], ["b", "—"]]).splitlines()
+    assert table[1] == "| :--- | ---: |" and table[3] == "| b | — |"
+    with pytest.raises(ValueError, match="no metric rows"):
+        final_metrics([])
+    with pytest.raises(ValueError, match="2 cells"):
+        markdown_table(["a", "b"], [["x"]])
