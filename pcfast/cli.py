@@ -149,9 +149,10 @@ def _cmd_list(ns: argparse.Namespace) -> int:
     from pcfast.experiments import load_all
     from pcfast.models import MODELS
     from pcfast.train.presets import PRESETS
-    from pcfast.train.rules import RULES
+    from pcfast.train.rules import RULES, load_rule_modules
 
     load_all()
+    load_rule_modules()
     print("models:      " + ", ".join(sorted(MODELS)))
     print("rules:       " + ", ".join(sorted(RULES)))
     print("presets:     " + ", ".join(sorted(PRESETS)))

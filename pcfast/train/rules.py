@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,6 +83,13 @@ class PCRule(Rule):
 
 
 RULES: dict[str, type[Rule]] = {"bp": BPRule, "pc": PCRule}
+# Rules living in their own packages register themselves when imported.
+_RULE_MODULES = {"dtp": "pcfast.dtp.rule"}
+
+
+def load_rule_modules() -> None:
+    for module in _RULE_MODULES.values():
+        importlib.import_module(module)
 
 
 def register_rule(name: str, cls: type[Rule]) -> None:
@@ -90,6 +99,7 @@ def register_rule(name: str, cls: type[Rule]) -> None:
 
 
 def build_rule(model: nn.Module, cfg: TrainConfig) -> Rule:
+    load_rule_modules()
     try:
         cls = RULES[cfg.rule]
     except KeyError:
@@ -108,5 +118,3 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
                                weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose from: adam, adamw, sgd")
 
-
-import pcfast.dtp.rule  # noqa: E402, F401  (registers the "dtp" rule; needs the names above)
