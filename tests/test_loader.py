@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcfast.data import CIFAR10Split, ChannelNormalize, DeviceLoader, make_synthetic, split_validation
+from pcfast.data import ChannelNormalize, CIFAR10Split, DeviceLoader, make_synthetic, split_validation
 
 
 def _indexed_images(n: int) -> torch.Tensor:
