@@ -39,7 +39,7 @@ HELP = {
     "fpa": "fixed prediction assumption (--no-fpa: strict PC, predictions recomputed every step)",
     "output_loss": "PC output energy: ce or mse",
     "error_clamp": "clamp the propagated PC errors to [-c, c]",
-    "pc_backend": "PC engine backend",
+    "pc_backend": "PC engine backend: auto (fast on CUDA under FPA, else reference), fast, reference",
     "data_dir": "folder holding cifar-10-batches-py (default: $PCFAST_CIFAR10_DIR, ~/.cache/pcfast)",
     "download": "download CIFAR-10 through torchvision when no copy is found",
     "allow_unofficial_data": "accept a CIFAR-10 copy whose md5 sums are not the official ones",

@@ -174,3 +174,15 @@ def test_missing_extension_falls_back_once_and_explicit_request_says_how_to_rebu
         dual_path_dwconv(x, w, 2)
     assert len([r for r in record if "reference path" in str(r.message)]) == 1
     assert torch.equal(y, dual_path_dwconv_ref(x, w, 1))
+
+
+def test_autocast_casts_both_operands_like_conv2d():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 3, 9, 9), torch.randn(6, 1, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dual_path_dwconv(x, w, stride=2)
+    ref = dual_path_dwconv_ref(x.bfloat16().double(), w.detach().bfloat16().double(), 2)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-2)  # bf16 output rounding
+    y.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32

@@ -15,6 +15,9 @@ class PCResDualNet(ResDualNet):
     training step (feedforward init, ``T`` inference steps, local weight updates, optimizer step)
     and returns a :class:`~pcfast.pc.PCResult` with ``loss``, ``accuracy`` and ``energy``.
 
+    ``backend="auto"`` runs the fast engine (fused kernels, CUDA graphs) for CUDA batches under
+    FPA and the reference path otherwise; see :class:`~pcfast.pc.PCEngine`.
+
     Example::
 
         net = PCResDualNet(T=100, rate=0.5)
@@ -25,10 +28,12 @@ class PCResDualNet(ResDualNet):
 
     def __init__(self, T: int = 100, rate: float = 0.5, schedule: str = "jacobi",
                  fpa: bool = True, output_loss: str = "ce", error_clamp: float | None = None,
-                 backend: str = "reference", num_classes: int = 10) -> None:
+                 backend: str = "auto", backend_options: dict | None = None,
+                 num_classes: int = 10) -> None:
         super().__init__(num_classes=num_classes)
         self.engine = PCEngine(self.pc_graph(), T=T, rate=rate, schedule=schedule, fpa=fpa,
-                               output_loss=output_loss, error_clamp=error_clamp, backend=backend)
+                               output_loss=output_loss, error_clamp=error_clamp, backend=backend,
+                               backend_options=backend_options)
 
     def pc_step(self, x: torch.Tensor, y: torch.Tensor,
                 optimizer: torch.optim.Optimizer | None = None) -> PCResult:

@@ -84,7 +84,12 @@ def dual_path_dwconv(x: torch.Tensor, weight: torch.Tensor, stride: int = 1,
 
         x, w = torch.randn(8, 16, 32, 32), torch.randn(32, 1, 3, 3)
         y = dual_path_dwconv(x, w, stride=2)   # (8, 16, 16, 16)
+
+    Under autocast both operands are cast to the autocast dtype, as ``F.conv2d`` does.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     if _resolve_backend(x, backend) == "ref":
         return dual_path_dwconv_ref(x, weight, stride)
     return torch.ops.pcfast.dwconv_fwd(x, weight, stride)

@@ -78,7 +78,7 @@ class PCEngine:
 
     def __init__(self, graph: PCGraph, T: int = 100, rate: float = 0.5,
                  schedule: str = "jacobi", fpa: bool = True, output_loss: str = "ce",
-                 error_clamp: float | None = None, backend: str = "reference",
+                 error_clamp: float | None = None, backend: str = "auto",
                  record_energy: bool = False, backend_options: dict | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")

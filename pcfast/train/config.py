@@ -50,7 +50,7 @@ class TrainConfig:
     fpa: bool = True
     output_loss: str = "ce"
     error_clamp: float | None = None
-    pc_backend: str = "reference"
+    pc_backend: str = "auto"
     # data
     data_dir: str | None = None
     download: bool = False
