@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcfast.models.init import he_init
-from pcfast.models.layers import AddReLU, Head, check_image_batch
-from pcfast.pc.graph import Node, PCGraph
+from pcfast.models.layers import AddReLU, BlockNet, Head
+from pcfast.pc.graph import Node
 
 WIDTHS = (16, 32, 64)
 SHORTCUTS = ("A", "B")
@@ -107,7 +107,7 @@ class BasicBlock(nn.Module):
         return nodes
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(BlockNet):
     """ResNet-(6n+2) for 32x32 RGB images, or its plain twin.
 
     Args:
@@ -146,26 +146,7 @@ class CifarResNet(nn.Module):
         self.head = Head(c, num_classes)
         he_init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, channels=3)
-        return self.head(self.blocks(self.stem(x)))
 
-    def pc_graph(self) -> PCGraph:
-        """PC nodes: stem, each block's two sub-layers (+ shortcut, merge), head."""
-        return block_graph(self.stem, self.blocks, self.head)
-
-
-def block_graph(stem: nn.Module, blocks: nn.Sequential, head: nn.Module) -> PCGraph:
-    """PC graph of a stem, a chain of blocks that have ``pc_nodes(prefix, parent)``, a head.
-
-    Every block contributes its own nodes (sub-layers, shortcut, merge); the stem and the head
-    are one node each. The input must be a 3-channel image batch.
-    """
-    nodes = [Node("stem", stem, ("input",))]
-    for i, block in enumerate(blocks):
-        nodes += block.pc_nodes(f"block{i}", nodes[-1].name)
-    nodes.append(Node("head", head, (nodes[-1].name,)))
-    return PCGraph(nodes, input_check=lambda x: check_image_batch(x, channels=3))
 
 
 def cifar_resnet_factory(depth: int, plain: bool):

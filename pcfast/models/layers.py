@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pcfast.pc.graph import Node, PCGraph
+
 
 class AddReLU(nn.Module):
     """``ReLU(a + b)``: the merge of a residual block whose shapes match."""
@@ -46,3 +48,36 @@ def check_image_batch(x: torch.Tensor, channels: int, size: int | None = None) -
             f"expected a floating-point image batch, got dtype {x.dtype}; "
             "convert uint8 images with x.float().div(255) and normalise them"
         )
+
+
+def block_graph(stem: nn.Module, blocks: nn.Sequential, head: nn.Module) -> PCGraph:
+    """PC graph of a stem, a chain of blocks that have ``pc_nodes(prefix, parent)``, a head.
+
+    Every block contributes its own nodes (sub-layers, shortcut, merge); the stem and the head
+    are one node each. The input must be a 3-channel image batch.
+    """
+    nodes = [Node("stem", stem, ("input",))]
+    for i, block in enumerate(blocks):
+        nodes += block.pc_nodes(f"block{i}", nodes[-1].name)
+    nodes.append(Node("head", head, (nodes[-1].name,)))
+    return PCGraph(nodes, input_check=lambda x: check_image_batch(x, channels=3))
+
+
+class BlockNet(nn.Module):
+    """A network ``head(blocks(stem(x)))`` over 3-channel images; subclasses build the three parts.
+
+    Its PC node graph (:meth:`pc_graph`) has one node for the stem, the nodes each block declares
+    with ``pc_nodes(prefix, parent)``, and one for the head.
+    """
+
+    stem: nn.Module
+    blocks: nn.Sequential
+    head: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x, channels=3)
+        return self.head(self.blocks(self.stem(x)))
+
+    def pc_graph(self) -> PCGraph:
+        """The PC node graph over this network's own sub-modules."""
+        return block_graph(self.stem, self.blocks, self.head)

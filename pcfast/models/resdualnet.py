@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from pcfast.models.dualpath import DualPathDWConv
-from pcfast.models.layers import AddReLU, ConcatReLU, Head, check_image_batch
-from pcfast.pc.graph import Node, PCGraph
+from pcfast.models.layers import AddReLU, BlockNet, ConcatReLU, Head
+from pcfast.pc.graph import Node
 
 STAGES = ((32, 1), (64, 1), (128, 2), (256, 2))
 
@@ -65,7 +65,7 @@ class ResDualBlock(nn.Module):
         return nodes
 
 
-class ResDualNet(nn.Module):
+class ResDualNet(BlockNet):
     """Res-DualNet for 32x32 RGB images (CIFAR-10).
 
     Example::
@@ -90,17 +90,3 @@ class ResDualNet(nn.Module):
                 c = out
         self.blocks = nn.Sequential(*blocks)
         self.head = Head(c, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, channels=3)
-        return self.head(self.blocks(self.stem(x)))
-
-    def pc_graph(self) -> PCGraph:
-        """The PC node graph: stem, every block's sub-layers, shortcut and merge, head."""
-        nodes = [Node("stem", self.stem, ("input",))]
-        parent = "stem"
-        for i, block in enumerate(self.blocks):
-            nodes += block.pc_nodes(f"block{i}", parent)
-            parent = nodes[-1].name
-        nodes.append(Node("head", self.head, (parent,)))
-        return PCGraph(nodes, input_check=lambda x: check_image_batch(x, channels=3))

@@ -8,19 +8,17 @@ parameters with 10 classes.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from pcfast.models.cifar_resnet import BasicBlock, block_graph, conv_bn
+from pcfast.models.cifar_resnet import BasicBlock, conv_bn
 from pcfast.models.init import he_init
-from pcfast.models.layers import Head, check_image_batch
-from pcfast.pc.graph import PCGraph
+from pcfast.models.layers import BlockNet, Head
 
 LAYOUTS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 WIDTHS = (64, 128, 256, 512)
 
 
-class ResNet(nn.Module):
+class ResNet(BlockNet):
     """CIFAR ResNet-18 or ResNet-34 built from :class:`BasicBlock` with option-B shortcuts.
 
     Shapes: ``(N, 3, H, W) -> (N, num_classes)`` (H, W divisible by 8; CIFAR: 32).
@@ -48,13 +46,7 @@ class ResNet(nn.Module):
         self.head = Head(c, num_classes)
         he_init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, channels=3)
-        return self.head(self.blocks(self.stem(x)))
 
-    def pc_graph(self) -> PCGraph:
-        """PC nodes: stem, each block's two sub-layers (+ projection shortcut, merge), head."""
-        return block_graph(self.stem, self.blocks, self.head)
 
 
 def resnet18(num_classes: int = 10) -> ResNet:

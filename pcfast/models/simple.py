@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from pcfast.models.cifar_resnet import BasicBlock, block_graph, conv_bn
+from pcfast.models.cifar_resnet import BasicBlock, conv_bn
 from pcfast.models.init import he_init
-from pcfast.models.layers import AddReLU, Head, check_image_batch
+from pcfast.models.layers import AddReLU, BlockNet, Head, check_image_batch
 from pcfast.pc.graph import Node, PCGraph, sequential_graph
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -208,7 +208,7 @@ class Bottleneck(nn.Module):
         return nodes
 
 
-class ResCNN(nn.Module):
+class ResCNN(BlockNet):
     """Residual CNN from a channel list: one stage per entry, ``blocks`` blocks per stage.
 
     Stem 3x3 conv + BN + ReLU to ``channels[0]``; stage ``i`` has ``blocks`` residual blocks
@@ -250,10 +250,4 @@ class ResCNN(nn.Module):
         self.head = Head(c, num_classes)
         he_init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, channels=3)
-        return self.head(self.blocks(self.stem(x)))
 
-    def pc_graph(self) -> PCGraph:
-        """PC nodes: stem, every block's sub-layers, shortcut (if projecting) and merge, head."""
-        return block_graph(self.stem, self.blocks, self.head)
