@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from pcfast.train.plots import save_figure  # noqa: E402
+
 Rows = list[dict[str, Any]]
 
 
@@ -67,9 +69,4 @@ def plot_dtp_comparison(runs: Mapping[str, Rows], path: Path,
         ax.grid(alpha=0.3)
     err_ax.legend(fontsize=7)
     cls_ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

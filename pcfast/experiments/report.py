@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from pcfast.train.plots import save_figure  # noqa: E402
+
 Rows = list[dict[str, Any]]
 
 
@@ -94,12 +96,7 @@ def plot_error_panels(panels: Mapping[str, Mapping[str, Rows]], path: Path,
         ax.set_ylabel("error (%)  — test, - - train")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_summary(path: Path, title: str, sections: Sequence[str]) -> Path:
