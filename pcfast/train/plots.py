@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -50,6 +51,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
                 ax.plot(xs, ys, marker="o", markersize=3, label=key)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
