@@ -237,8 +237,9 @@ def _rule(options: dict | None = None, sizes=SIZES, **cfg_kw):
 
 def test_rule_is_registered_and_checks_its_options():
     from pcfast.train import TrainConfig
-    from pcfast.train.rules import RULES, build_rule
+    from pcfast.train.rules import RULES, build_rule, load_rule_modules
 
+    load_rule_modules()
     assert RULES["dtp"].__name__ == "DTPRule"
     with pytest.raises(ValueError, match="valid: .*feedback_lr"):
         _rule({"feedbak_lr": 1e-3})
