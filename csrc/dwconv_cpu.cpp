@@ -9,6 +9,9 @@
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "dwconv.h"
 
 namespace pcfast {
@@ -75,8 +78,9 @@ at::Tensor fwd_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t stride
   return y;
 }
 
-// gx[iy, ix] = sum over taps (ky, kx) with iy = oy * s - 1 + ky of k[ky, kx] * g[oy, ox]:
-// the transposed conv, gathered per input pixel (for s = 1 it is the 180-degree-rotated conv).
+// gx[oy * s - 1 + ky, ox * s - 1 + kx] += k[ky, kx] * g[oy, ox]: the transposed conv, scattered
+// from each output pixel into an opmath buffer of the plane (no division by the stride in the
+// inner loop; the same access pattern as the forward pass).
 at::Tensor bwd_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight, int64_t stride,
                          int64_t in_h, int64_t in_w) {
   check_dwconv_bwd_input_args(grad_out, weight, stride, in_h, in_w);
@@ -91,26 +95,31 @@ at::Tensor bwd_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight, i
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* xp = gx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(in_h * in_w);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / C, c = p % C;
         acc_t k[9];
         summed_kernel<scalar_t>(weight, c, k);
         const scalar_t* gin = gp + n * gs.n + c * gs.c;
         scalar_t* xout = xp + n * xs.n + c * xs.c;
-        for (int64_t iy = 0; iy < in_h; ++iy) {
-          for (int64_t ix = 0; ix < in_w; ++ix) {
-            acc_t acc = 0;
+        std::fill(buf.begin(), buf.end(), acc_t(0));
+        for (int64_t oy = 0; oy < Ho; ++oy) {
+          for (int64_t ox = 0; ox < Wo; ++ox) {
+            const acc_t g = static_cast<acc_t>(gin[oy * gs.h + ox * gs.w]);
             for (int64_t ky = 0; ky < 3; ++ky) {
-              const int64_t ty = iy + 1 - ky;  // = oy * stride
-              if (ty < 0 || ty % stride != 0 || ty / stride >= Ho) continue;
+              const int64_t iy = oy * stride - 1 + ky;
+              if (iy < 0 || iy >= in_h) continue;
               for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t tx = ix + 1 - kx;
-                if (tx < 0 || tx % stride != 0 || tx / stride >= Wo) continue;
-                acc += k[ky * 3 + kx] *
-                       static_cast<acc_t>(gin[(ty / stride) * gs.h + (tx / stride) * gs.w]);
+                const int64_t ix = ox * stride - 1 + kx;
+                if (ix < 0 || ix >= in_w) continue;
+                buf[iy * in_w + ix] += k[ky * 3 + kx] * g;
               }
             }
-            xout[iy * xs.h + ix * xs.w] = static_cast<scalar_t>(acc);
+          }
+        }
+        for (int64_t iy = 0; iy < in_h; ++iy) {
+          for (int64_t ix = 0; ix < in_w; ++ix) {
+            xout[iy * xs.h + ix * xs.w] = static_cast<scalar_t>(buf[iy * in_w + ix]);
           }
         }
       }

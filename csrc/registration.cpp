@@ -1,5 +1,5 @@
 // Schemas of every op in pcfast._C. Implementations register per device in their own files
-// (dwconv_cpu.cpp, dwconv_cuda.cpp); the Python side (pcfast/ops/) adds fake and autograd.
+// (dwconv_cpu.cpp, dwconv_cuda.cpp, dwconv_autograd.cpp); pcfast/ops/ adds fake and autograd.
 #include <torch/library.h>
 
 #ifdef PCFAST_PYTHON_MODULE

@@ -137,8 +137,32 @@ def test_module_uses_compiled_op() -> None:
     conv = DualPathDWConv(5, stride=2)
     x = torch.randn(2, 5, 9, 9, requires_grad=True)
     y = conv(x)
-    assert "dwconv_fwd" in type(y.grad_fn).__name__ or y.grad_fn.name().startswith("pcfast")
+    assert "Dwconv" in y.grad_fn.name()
     assert_close_verbose(y, dual_path_dwconv_ref(x, conv.weight, 2), atol=1e-5)
+
+
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("pcfast::")}
+
+
+def test_backward_runs_only_the_kernels_the_pass_needs() -> None:
+    """A backward-data pass (a PC inference step) runs no weight-gradient kernel, and a
+    weight-only pass no input-gradient kernel: the C++ autograd asks the engine what it needs."""
+    _device("cpu")
+    conv = DualPathDWConv(3)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = conv(x)
+    g = torch.randn_like(y)
+    ran = _ops_run(lambda: torch.autograd.grad(y, x, g, retain_graph=True))
+    assert ran == {"pcfast::dwconv_bwd_input"}
+    ran = _ops_run(lambda: torch.autograd.grad(y, conv.weight, g, retain_graph=True))
+    assert ran == {"pcfast::dwconv_bwd_weight"}
+    gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
+    rx, rw = torch.autograd.grad(dual_path_dwconv_ref(x, conv.weight, 1), (x, conv.weight), g)
+    assert_close_verbose(gx, rx, atol=1e-5)
+    assert_close_verbose(gw, rw, atol=1e-5)
 
 
 def test_bad_arguments_name_what_is_supported() -> None:

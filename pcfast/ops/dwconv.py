@@ -125,23 +125,9 @@ def _bwd_weight_fake(grad_out: torch.Tensor, x: torch.Tensor, stride: int) -> to
 # Autograd. With K(w)[c] = w[2c] + w[2c+1] and D(g, x)[2c] = D(g, x)[2c+1] = corr(x[c], g[c]):
 #   fwd(x, w) = conv(x, K(w));  bwd_input(g, w) = conv^T(g, K(w));  bwd_weight(g, x) = D(g, x).
 # <ĝ, fwd(x, w)> = <x, conv^T(ĝ, K(w))> = <w, D(ĝ, x)>, and likewise for the other two.
-
-
-def _save_fwd(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
-              output: torch.Tensor) -> None:
-    x, weight, stride = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.stride = stride
-
-
-def _fwd_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    x, weight = ctx.saved_tensors
-    gx = gw = None
-    if ctx.needs_input_grad[0]:
-        gx = torch.ops.pcfast.dwconv_bwd_input(grad, weight, ctx.stride, x.shape[2], x.shape[3])
-    if ctx.needs_input_grad[1]:
-        gw = torch.ops.pcfast.dwconv_bwd_weight(grad, x, ctx.stride)
-    return gx, gw, None
+# The autograd of dwconv_fwd itself is in C++ (csrc/dwconv_autograd.cpp): it computes only the
+# gradients the current backward pass needs. The two backward ops' autograd below gives double
+# backward.
 
 
 def _save_bwd_input(ctx: torch.autograd.function.FunctionCtx, inputs: tuple,
@@ -179,12 +165,11 @@ def _bwd_weight_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.T
 
 
 def _register() -> None:
-    """Attach fake implementations and autograd formulas to the compiled ops."""
+    """Attach fake implementations, and the backward ops' autograd formulas, to the compiled ops."""
     lib = torch.library
     lib.register_fake("pcfast::dwconv_fwd")(_fwd_fake)
     lib.register_fake("pcfast::dwconv_bwd_input")(_bwd_input_fake)
     lib.register_fake("pcfast::dwconv_bwd_weight")(_bwd_weight_fake)
-    lib.register_autograd("pcfast::dwconv_fwd", _fwd_backward, setup_context=_save_fwd)
     lib.register_autograd("pcfast::dwconv_bwd_input", _bwd_input_backward,
                           setup_context=_save_bwd_input)
     lib.register_autograd("pcfast::dwconv_bwd_weight", _bwd_weight_backward,
