@@ -201,3 +201,23 @@ def test_cuda_graph_path_matches_reference(schedule, kernels):
             p.grad = q.grad = None
         _assert_same(ref_model, fast_model, ref.compute_gradients(x, y),
                      fast.compute_gradients(x, y), tol=1e-4)
+
+
+def test_bf16_autocast_on_resdualnet_stays_close_to_the_float32_reference():
+    """Autocast runs the dual-path dwconv in bf16 too; gradients stay within bf16 accuracy."""
+    from pcfast.models.resdualnet import ResDualNet
+
+    torch.manual_seed(0)
+    net = ResDualNet(num_classes=4, stem_channels=8, stages=((16, 1), (32, 2)))
+    x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 4, (32,))
+    state = copy.deepcopy(net.state_dict())
+    grads = []
+    for backend, options in (("reference", None), ("fast", {"autocast": True})):
+        net.load_state_dict(state)
+        for p in net.parameters():
+            p.grad = None
+        PCEngine(net.pc_graph(), T=12, rate=0.5, backend=backend,
+                 backend_options=options).compute_gradients(x, y)
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    rel = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    assert 0 < rel < 0.03  # measured 0.0056: bf16 rounding, not a different computation
