@@ -75,7 +75,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        kw: dict[str, Any] = {"default": None, "dest": f.name, "help": HELP.get(f.name)}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "" if default in (None, {}, "") else f" (default: {default})"
+        kw: dict[str, Any] = {"default": None, "dest": f.name, "help": HELP.get(f.name, "") + shown}
         args = typing.get_args(hint)
         if f.name == "model_kwargs":
             p.add_argument(flag, type=json.loads, **kw)
@@ -167,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model with PC, BP or DTP",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description="Train a model. A --preset fills every option; the flags "
+                           "given override it.")
     _add_train_flags(train)
     train.set_defaults(func=_cmd_train)
     exp = sub.add_parser("experiment", help="run a named reproduction")

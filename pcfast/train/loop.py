@@ -88,12 +88,13 @@ class _Run:
         self.metrics_path = self.out / "metrics.jsonl"
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        self.data = build_data(cfg, self.device, log)
+        # Model, rule and optimizer first: a bad option fails before any data is read.
         self.model = build_model(cfg.model, **cfg.model_kwargs).to(self.device)
         _apply_init(self.model, cfg.init)
         self.rule: Rule = build_rule(self.model, cfg)
         self.optimizer = build_optimizer(self.rule.parameter_groups(), cfg)
         self.schedule = LRSchedule(self.optimizer, cfg)
+        self.data = build_data(cfg, self.device, log)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
         self.step = 0
