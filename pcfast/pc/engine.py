@@ -185,9 +185,14 @@ class PCEngine:
 
     def _relax(self, e: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """``e <- e - rate * (e - back)``: the value update seen through ``e = x - mu``."""
-        if self.error_clamp is not None:
-            back = back.clamp(-self.error_clamp, self.error_clamp)
+        back = self._clamp(back)
         return torch.lerp(e, back, self.rate) if self.rate != 1.0 else back
+
+    def _clamp(self, back: torch.Tensor) -> torch.Tensor:
+        """The optional clamp of the propagated errors ``sum_v J_vu^T e_v``."""
+        if self.error_clamp is None:
+            return back
+        return back.clamp(-self.error_clamp, self.error_clamp)
 
     # --------------------------------------------------------------------------- strict
     def _predict(self, values: dict[str, torch.Tensor], names=None) -> dict[str, torch.Tensor]:
@@ -235,12 +240,7 @@ class PCEngine:
 
     def _strict_update(self, value: torch.Tensor, e: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         back = e - grad  # dF/dx_u = e_u - sum_v J_vu^T e_v
-        return value - self.rate * (e - self._relax_clamp(back))
-
-    def _relax_clamp(self, back: torch.Tensor) -> torch.Tensor:
-        if self.error_clamp is None:
-            return back
-        return back.clamp(-self.error_clamp, self.error_clamp)
+        return value - self.rate * (e - self._clamp(back))
 
     def _strict_jacobi_step(self, values, y) -> None:
         g = self.graph
