@@ -36,3 +36,19 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: flo
         f"{name}: {count} of {a.numel()} elements differ beyond atol={atol:.3g}, rtol={rtol:.3g} "
         f"(max abs error {err.nan_to_num(float('inf')).max().item():.3g}); first mismatches:\n"
         + "\n".join(lines))
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor | float,
+                  name: str = "tensor") -> None:
+    """Assert ``|actual - expected| <= tol`` elementwise, ``tol`` a tensor (per element) or a
+    number; compared in float64, mismatches reported as :func:`assert_close_verbose` does."""
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    t = tol.detach().to("cpu", torch.float64) if isinstance(tol, torch.Tensor) else tol
+    bad = ~((a - e).abs() <= t)  # also flags NaN
+    count = int(bad.sum())
+    if count:
+        idx = bad.nonzero()[:MAX_REPORTED].tolist()
+        raise AssertionError(f"{name}: {count} of {a.numel()} elements out of tolerance; first at "
+                             + ", ".join(f"{tuple(i)} (got {a[tuple(i)].item():.6g}, expected "
+                                         f"{e[tuple(i)].item():.6g})" for i in idx))

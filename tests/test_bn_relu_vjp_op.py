@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _assert import assert_within
 
 from pcfast.ops.bn_relu_vjp import bn_relu_vjp, bn_relu_vjp_ref, bn_saved_stats
 
@@ -46,12 +47,7 @@ def _assert_close(got, want, lowp, what):
     got, want, lowp = got.double(), want.double(), lowp.double()
     scale = want.abs().max().clamp_min(1e-6)
     tol = 2 * (lowp - want).abs() + 8 * torch.finfo(torch.float32).eps * scale + ulp * want.abs()
-    bad = (got - want).abs() > tol
-    if bad.any():
-        idx = bad.flatten().nonzero()[:5].flatten().tolist()
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} mismatch; first at "
-                             f"{idx}: got {got.flatten()[idx].tolist()} want "
-                             f"{want.flatten()[idx].tolist()}")
+    assert_within(got, want, tol, what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
