@@ -116,15 +116,23 @@ def config_from_args(ns: argparse.Namespace):
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
+    from pcfast.data.cifar10 import CIFAR10Error
+    from pcfast.train.checkpoint import CheckpointError
     from pcfast.train.loop import TrainingDiverged, run_training
 
+    where = "the run folder"
     try:
         cfg = config_from_args(ns)
+        where = cfg.out_dir
         rows = run_training(cfg)
     except TrainingDiverged as exc:
         print(f"pcfast: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, RuntimeError) as exc:
+    except KeyboardInterrupt:
+        print(f"pcfast: interrupted; {where} keeps the checkpoint of the last complete epoch: "
+              "run the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except (ValueError, CIFAR10Error, CheckpointError) as exc:  # bad input: one line, no trace
         print(f"pcfast: {exc}", file=sys.stderr)
         return 2
     if rows:

@@ -126,3 +126,27 @@ def test_real_copy_matches_torchvisions_reader(cifar10_dir):
         assert len(ours) == (50_000 if train else 10_000)
         np.testing.assert_array_equal(ours.images, theirs.data.transpose(0, 3, 1, 2))
         np.testing.assert_array_equal(ours.labels, np.asarray(theirs.targets))
+
+
+def test_download_goes_through_torchvision_and_failure_means_none(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.delenv("PCFAST_CIFAR10_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    calls = []
+
+    class Offline:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    assert find_cifar10(tmp_path / "dl", download=True) is None
+    assert calls == [(str(tmp_path / "dl"), True, True)]
+
+    class Online:
+        def __init__(self, root, train, download):
+            (tmp_path / "dl" / "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Online)
+    assert find_cifar10(tmp_path / "dl", download=True) == tmp_path / "dl"

@@ -186,3 +186,14 @@ def test_real_cifar10_pc_run_beats_chance(tmp_path, cifar10_dir):
                         progress=False, out_dir=str(tmp_path / "real"))
     rows = run_training(cfg, log=lambda s: None)
     assert rows[-1]["test_acc"] > 0.22
+
+
+def test_a_corrupt_checkpoint_is_reported_in_one_line(tmp_path, capsys):
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code = main(["train", "--model", "mlp", "--synthetic", "--epochs", "1", "--no-progress",
+                 "--resume", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "checkpoint" in err and "cannot be read" in err
+    assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten

@@ -11,6 +11,10 @@ from typing import Any
 import torch
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be read."""
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)
@@ -35,7 +39,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
             "delete it to start the run afresh"
         ) from exc
