@@ -131,7 +131,7 @@ def test_real_copy_matches_torchvisions_reader(cifar10_dir):
 def test_download_goes_through_torchvision_and_failure_means_none(tmp_path, monkeypatch):
     import torchvision.datasets
 
-    monkeypatch.delenv("PCFAST_CIFAR10_DIR", raising=False)
+    monkeypatch.delenv("PCFAST_CIFAR10_DIR", raising=False)  # the fakes below stand in for it
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     calls = []
 

@@ -197,3 +197,28 @@ def test_a_corrupt_checkpoint_is_reported_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "checkpoint" in err and "cannot be read" in err
     assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+
+
+def test_the_main_job_tries_a_download_then_says_in_one_line_it_uses_synthetic_data(
+        tmp_path, monkeypatch, capsys):
+    import torchvision.datasets
+
+    from pcfast.train.presets import preset_config
+
+    class Offline:
+        def __init__(self, root, train, download):
+            print("Downloading https://... (torchvision's own line)")
+            raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    monkeypatch.delenv("PCFAST_CIFAR10_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = preset_config("demo", data_dir=str(tmp_path / "none"), out_dir=str(tmp_path / "r"),
+                        epochs=1, train_subset=64, test_subset=64, progress=False)
+    assert cfg.download
+    run_training(cfg.replace(model="mlp", model_kwargs={"hidden": [8]}))
+    out = capsys.readouterr().out
+    assert "Downloading" not in out
+    assert [line for line in out.splitlines() if "CIFAR-10" in line] == [
+        "No CIFAR-10 copy found and none could be downloaded (--data-dir, PCFAST_CIFAR10_DIR "
+        "or --download): training on the built-in synthetic dataset."]

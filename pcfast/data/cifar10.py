@@ -8,7 +8,9 @@ variable ``PCFAST_ALLOW_UNOFFICIAL_DATA=1``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -146,10 +148,12 @@ def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Fal
         return None
     target = Path(data_dir or Path.home() / ".cache" / "pcfast").expanduser()
     try:
-        from torchvision.datasets import CIFAR10
+        import torchvision.datasets
 
-        CIFAR10(str(target), train=True, download=True)
-        CIFAR10(str(target), train=False, download=True)
+        # torchvision announces every attempt; the caller says in one line what came of it.
+        with contextlib.redirect_stdout(io.StringIO()):
+            torchvision.datasets.CIFAR10(str(target), train=True, download=True)
+            torchvision.datasets.CIFAR10(str(target), train=False, download=True)
     except Exception:  # offline, blocked, or no torchvision: the caller falls back
         return None
     return target if (target / FOLDER).is_dir() else None

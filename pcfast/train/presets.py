@@ -8,22 +8,23 @@ from pcfast.train.config import TrainConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed project's PC set-up: Res-DualNet, batch 256, T=100, rate 0.5, jacobi,
-    # Adam 0.01 -> 0.001 -> 1e-4 over 10/10/5 epochs, flip-only augmentation.
+    # Adam 0.01 -> 0.001 -> 1e-4 over 10/10/5 epochs, flip-only augmentation. The main-job
+    # presets fetch CIFAR-10 through torchvision when no copy is found (synthetic data if offline).
     "seed-pc": dict(model="resdualnet", rule="pc", epochs=25, batch_size=256, T=100, rate=0.5,
                     schedule="jacobi", fpa=True, optimizer="adam", lr=0.01,
                     lr_schedule="step", milestones=(10, 20), milestone_unit="epoch",
-                    lr_gamma=0.1, augment="flip", preprocess="cifar10"),
+                    lr_gamma=0.1, augment="flip", preprocess="cifar10", download=True),
     # The seed project's BP set-up: the same schedule at batch 128.
     "seed-bp": dict(model="resdualnet", rule="bp", epochs=25, batch_size=128, optimizer="adam",
                     lr=0.01, lr_schedule="step", milestones=(10, 20), milestone_unit="epoch",
-                    lr_gamma=0.1, augment="flip", preprocess="cifar10"),
+                    lr_gamma=0.1, augment="flip", preprocess="cifar10", download=True),
     # A few-minute CPU version of the seed PC run (the README's quick start): 2,048 training
     # images, and the sequential schedule, whose sweep reaches every node in one step, so that
     # T=2 (rate 0.5) trains the whole network.
     "demo": dict(model="resdualnet", rule="pc", epochs=2, batch_size=64, T=2, rate=0.5,
                  schedule="sequential", optimizer="adam", lr=0.005, lr_schedule="constant",
                  augment="flip", preprocess="cifar10", train_subset=2048, test_subset=1000,
-                 out_dir="runs/demo"),
+                 out_dir="runs/demo", download=True),
     # He et al. 2016, CIFAR-10 (Sec. 4.2): SGD 0.9, wd 1e-4, batch 128, lr 0.1 / 10 at 32k and
     # 48k iterations, stop at 64k, 45k/5k split, pad-4 crop + flip, per-pixel mean, He init.
     "he-cifar": dict(model="resnet20", rule="bp", init="he", optimizer="sgd", lr=0.1,
