@@ -8,6 +8,7 @@ Triton kernels through the interpreter, tiny shapes); the CUDA-graph path is tes
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -205,8 +206,6 @@ def test_cuda_graph_path_matches_reference(schedule, kernels):
 
 def test_bf16_autocast_on_resdualnet_stays_close_to_the_float32_reference():
     """Autocast runs the dual-path dwconv in bf16 too; gradients stay within bf16 accuracy."""
-    from pcfast.models.resdualnet import ResDualNet
-
     torch.manual_seed(0)
     net = ResDualNet(num_classes=4, stem_channels=8, stages=((16, 1), (32, 2)))
     x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 4, (32,))
@@ -221,3 +220,47 @@ def test_bf16_autocast_on_resdualnet_stays_close_to_the_float32_reference():
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     rel = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
     assert 0 < rel < 0.03  # measured 0.0056: bf16 rounding, not a different computation
+
+
+def test_auto_falls_back_to_the_reference_when_the_fast_path_fails_on_its_first_batch(
+        monkeypatch):
+    """``auto`` (the CUDA default) keeps a run going on the reference path, with one warning,
+    BatchNorm statistics as if the failed attempt never ran, and the reference's gradients."""
+    torch.manual_seed(0)
+    net = ResDualNet(num_classes=4, stem_channels=3, stages=((6, 1), (12, 2))).double()
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    state = copy.deepcopy(net.state_dict())
+    PCEngine(net.pc_graph(), T=4, backend="reference").compute_gradients(x, y)
+    want_grads = [p.grad.clone() for p in net.parameters()]
+    want_state = copy.deepcopy(net.state_dict())
+
+    net.load_state_dict(state)
+    for p in net.parameters():
+        p.grad = None
+
+    def broken(self, x, y):
+        self.graph.forward(x)  # moves BatchNorm running stats, then fails
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(FastPCEngine, "compute_gradients", broken)
+    engine = PCEngine(net.pc_graph(), T=4, backend="auto")
+    monkeypatch.setattr(engine, "_use_fast", lambda x: not engine._fast_failed)
+    with pytest.warns(RuntimeWarning, match="simulated kernel failure"):
+        engine.compute_gradients(x, y)
+    for p, g in zip(net.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, want_state[k])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.compute_gradients(x, y)  # no second warning: the reference path from now on
+
+
+def test_explicit_fast_backend_raises_its_errors(monkeypatch):
+    def broken(self, x, y):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(FastPCEngine, "compute_gradients", broken)
+    engine = PCEngine(_MLP().pc_graph(), T=2, backend="fast")
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.compute_gradients(*_batch("mlp"))

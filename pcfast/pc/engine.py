@@ -16,6 +16,7 @@ autograd graph. Strict PC recomputes the predictions from the current values eve
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -97,6 +98,8 @@ class PCEngine:
                              "use backend='reference' for strict PC")
         self.backend_options = dict(backend_options or {})
         self._fast = None
+        self._fast_worked = False  # "auto": the fast path ran a batch, errors now propagate
+        self._fast_failed = False  # "auto": the fast path failed on its first batch
         self.graph = graph
         self.T = int(T)
         self.rate = float(rate)
@@ -120,12 +123,36 @@ class PCEngine:
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> PCResult:
         """Relax the errors for ``(x, y)`` and accumulate the PC weight gradients into ``.grad``."""
-        if self.backend != "reference" and self.fpa and (self.backend == "fast" or x.is_cuda):
-            return self._fast_engine().compute_gradients(x, y)
+        if self._use_fast(x):
+            if self.backend == "fast" or self._fast_worked:
+                return self._fast_engine().compute_gradients(x, y)
+            buffers = [b for m in self.graph.modules for b in m.buffers()]
+            saved = [b.detach().clone() for b in buffers]  # BN stats, should the batch fail
+            try:
+                result = self._fast_engine().compute_gradients(x, y)
+            except Exception as exc:  # "auto" keeps training on the reference path
+                self._fast_failed = True
+                warnings.warn(
+                    f"the fast PC backend failed on its first batch ({type(exc).__name__}: {exc}); "
+                    "backend='auto' continues on the reference path. backend='fast' raises the "
+                    "error instead.", RuntimeWarning, stacklevel=2)
+                with torch.no_grad():
+                    for b, old in zip(buffers, saved):
+                        b.copy_(old)
+                for p in self.graph.parameters():
+                    p.grad = None
+            else:
+                self._fast_worked = True
+                return result
         self._check_batch(x, y)
         if self.fpa:
             return self._run_fpa(x, y)
         return self._run_strict(x, y)
+
+    def _use_fast(self, x: torch.Tensor) -> bool:
+        if self.backend == "reference" or not self.fpa or self._fast_failed:
+            return False
+        return self.backend == "fast" or x.is_cuda
 
     def _fast_engine(self):
         """The fast path (``pcfast.pc.fast``), built on first use, with this engine's settings."""
