@@ -95,6 +95,7 @@ def test_bad_loader_input_is_rejected():
         DeviceLoader(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(3, dtype=torch.long), 2)
 
 
+@pytest.mark.gpu
 def test_the_loader_keeps_data_on_the_gpu(cuda_device):
     loader = DeviceLoader(_indexed_images(64), torch.zeros(64, dtype=torch.long), 16, shuffle=True,
                           flip=True, crop_padding=4, device=cuda_device)
