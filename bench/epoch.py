@@ -31,12 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, print_table, write_result  # noqa: E402
 from bench.naive_pc import (  # noqa: E402
-    CIFAR_MEAN,
-    CIFAR_STD,
     NaivePC,
     make_uint8_dataset,
     seed_loader,
 )
+from pcfast.data import DeviceLoader, build_preprocessor  # noqa: E402
 from pcfast.models.resdualnet import ResDualNet  # noqa: E402
 from pcfast.pc import PCEngine  # noqa: E402
 
@@ -45,20 +44,18 @@ EPOCH_IMAGES = 50_000
 
 
 def device_batches(data, batch_size: int, device: torch.device, seed: int = 0):
-    """Endless shuffled batches from uint8 images resident on ``device`` (flip + normalise)."""
-    images = torch.from_numpy(data[0]).to(device).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(data[1]).to(device)
-    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    """Endless shuffled batches from pcfast's own device-resident loader (flip + normalise), the
+    pipeline ``pcfast train`` uses."""
+    images = torch.from_numpy(data[0]).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(data[1])
+    loader = DeviceLoader(images, labels, batch_size, shuffle=True, flip=True, drop_last=True,
+                          preprocess=build_preprocessor("cifar10").fit(images.to(device)),
+                          seed=seed, device=device)
+    epoch = 0
     while True:
-        perm = torch.randperm(len(images), device=device, generator=gen)
-        for i in range(0, len(images) - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
-            x = images[idx].float().div_(255)
-            flip = torch.rand(batch_size, device=device, generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            yield (x - mean) / std, labels[idx]
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
 
 def loader_batches(data, batch_size: int, device: torch.device):

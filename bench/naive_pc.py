@@ -30,10 +30,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pcfast.data.preprocess import CIFAR10_MEAN, CIFAR10_STD
 from pcfast.pc.energy import frozen_running_stats, output_error
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 class UInt8Images(Dataset):
@@ -64,7 +62,7 @@ def seed_loader(data: tuple[np.ndarray, np.ndarray], batch_size: int,
     from torchvision import transforms
 
     tf = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                             transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
+                             transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
     return DataLoader(UInt8Images(*data, tf), batch_size=batch_size, shuffle=True,
                       num_workers=num_workers, drop_last=True)
 
