@@ -208,7 +208,7 @@ class PCEngine:
             self._write_weight_grads([mus[n.name] for n in g.nodes],
                                      [errors[n.name] for n in g.nodes], x.shape[0])
         energy = self._hidden_energy(errors) + base_energy
-        return self._result(logits, y, energy, errors, trace)
+        return self._result(logits, y, base_energy, energy, errors, trace)
 
     def _relax(self, e: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """``e <- e - rate * (e - back)``: the value update seen through ``e = x - mu``."""
@@ -263,7 +263,8 @@ class PCEngine:
         with torch.no_grad():
             errors = {name: values[name] - mus[name] for name in g.hidden}
             errors[g.output] = output_error(mus[g.output], y, self.output_loss)
-        return self._result(logits, y, energy.detach(), errors, trace)
+        ff_loss = output_energy(logits, y, self.output_loss)
+        return self._result(logits, y, ff_loss, energy.detach(), errors, trace)
 
     def _strict_update(self, value: torch.Tensor, e: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         back = e - grad  # dF/dx_u = e_u - sum_v J_vu^T e_v
@@ -322,11 +323,12 @@ class PCEngine:
     def _hidden_energy(self, errors: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(0.5 * errors[name].pow(2).sum() for name in self.graph.hidden)
 
-    def _result(self, logits, y, energy, errors, trace) -> PCResult:
+    def _result(self, logits, y, loss_sum, energy, errors, trace) -> PCResult:
+        """``loss_sum``: the output loss of the feedforward logits, summed over the batch."""
         n = logits.shape[0]
         logits = logits.detach()
         return PCResult(
-            loss=output_energy(logits, y, self.output_loss) / n,
+            loss=loss_sum.detach() / n,
             accuracy=(logits.argmax(1) == y).float().mean(),
             energy=energy.detach() / n,
             logits=logits,

@@ -98,7 +98,7 @@ class FastPCEngine(PCEngine):
         kept = err_flat.clone()
         out_errors = self._views(kept, mus)
         out_errors[g.output] = e_out
-        return self._result(logits, y, energy, out_errors, trace)
+        return self._result(logits, y, base_energy, energy, out_errors, trace)
 
     # ------------------------------------------------------------------------------ setup
     def _feedforward(self, x: torch.Tensor):
