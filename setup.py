@@ -12,8 +12,9 @@ Environment:
 
 - ``PCFAST_SKIP_EXT=1``: build no extension (pure-Python install; ops use the reference path).
 - ``PCFAST_SKIP_CUDA=1``: CPU-only extension.
-- ``PCFAST_CUDA_ARCHS``: ``;``- or space-separated compute capabilities, default ``8.0;9.0``
-  (a ``+PTX`` suffix, e.g. ``9.0+PTX``, also embeds PTX).
+- ``PCFAST_CUDA_ARCHS``: ``;``- or space-separated compute capabilities, default
+  ``7.5;8.0;8.6;8.9;9.0+PTX`` (machine code for each; a ``+PTX`` suffix also embeds PTX, which
+  newer GPUs compile at first use).
 - ``MAX_JOBS``: parallel compile jobs, default and cap derived from cores and RAM (nvcc with the
   torch headers takes ~2 GiB per job).
 
@@ -27,13 +28,34 @@ import os
 import shutil
 from pathlib import Path
 
+import setuptools
 from setuptools import find_packages, setup
+
+
+def _check_build_tools() -> None:
+    """``pip install --no-build-isolation`` builds with this environment's setuptools: one older
+    than 70.1 has no ``bdist_wheel`` without the ``wheel`` package, and pip then fails with
+    "invalid command 'bdist_wheel'". Say what to install instead."""
+    major, minor = (int(v) for v in setuptools.__version__.split(".")[:2])
+    if (major, minor) >= (70, 1):
+        return
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            f"pcfast: setuptools {setuptools.__version__} in this environment cannot build a "
+            "wheel; run `pip install \"setuptools>=70.1\"` and install pcfast again") from None
+
+
+_check_build_tools()
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 CUDA_SOURCES = ("dwconv_fwd.cu", "dwconv_bwd_input.cu", "dwconv_bwd_weight.cu", "dwconv_cuda.cpp")
 SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Machine code for Turing (T4) through Hopper, plus PTX of the newest so that later GPUs
+# (Blackwell, 10.x/12.x) JIT-compile it at first use.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 GIB_PER_JOB = 2
 
 
@@ -73,6 +95,19 @@ def _max_jobs() -> int:
     return max(1, min(int(asked), cap)) if asked and asked.isdigit() else cap
 
 
+def cuda_arch_list() -> list[str]:
+    """The compute capabilities to compile for: ``PCFAST_CUDA_ARCHS`` or the default."""
+    text = os.environ.get("PCFAST_CUDA_ARCHS", "").strip() or DEFAULT_CUDA_ARCHS
+    archs = [a for a in text.replace(",", ";").replace(" ", ";").split(";") if a]
+    for arch in archs:
+        number = arch.removesuffix("+PTX")
+        major, _, minor = number.partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise ValueError(f"PCFAST_CUDA_ARCHS: {arch!r} is not a compute capability such as "
+                             f"'8.0' or '9.0+PTX' (got {text!r})")
+    return archs
+
+
 def _nvidia_wheel_includes() -> list[str]:
     """Headers (cuBLAS, cuSPARSE, ...) that torch's CUDA headers include, shipped by the pip
     ``nvidia-*`` wheels when the system toolkit is a minimal one."""
@@ -110,21 +145,24 @@ def _extensions() -> tuple[list, dict]:
         f'-DPCFAST_SOURCE_HASH="{source_hash()}"',
         f'-DPCFAST_TORCH_VERSION="{torch.__version__}"',
     ]
-    cxx = ["-O3", "-std=c++17", *defines]
+    # No -std flag: torch's extension builder adds the standard its own headers need (C++17 up to
+    # torch 2.13, C++20 from 2.14), for the host compiler and nvcc alike.
+    cxx = ["-O3", *defines]
     kwargs: dict = {
         "name": "pcfast._C",
         "include_dirs": [str(CSRC)],
         "py_limited_api": False,
     }
     if with_cuda:
-        archs = os.environ.get("PCFAST_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
-        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        archs = cuda_arch_list()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+        # Commas, not semicolons: the define passes through a shell in ninja's command line.
+        cuda_defines = ["-DPCFAST_WITH_CUDA", f'-DPCFAST_CUDA_ARCHS="{",".join(archs)}"']
         sources = [f"csrc/{s}" for s in (*cpu_sources, *CUDA_SOURCES)]
-        nvcc = ["-O3", "-std=c++17", "-lineinfo", *defines,
-                "-DPCFAST_WITH_CUDA"]
+        nvcc = ["-O3", "-lineinfo", *defines, *cuda_defines]
         ext = cpp_extension.CUDAExtension(
             sources=sources,
-            extra_compile_args={"cxx": [*cxx, "-DPCFAST_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": [*cxx, *cuda_defines], "nvcc": nvcc},
             **{**kwargs, "include_dirs": [str(CSRC), *_nvidia_wheel_includes()]},
         )
     else:

@@ -144,10 +144,10 @@ at::Tensor dwconv_bwd_input_cuda(const at::Tensor& grad_in, const at::Tensor& we
                     static_cast<unsigned>(t.tiles_w * t.tiles_h));
     if (stride == 1) {
       dwconv_bwd_input_kernel<scalar_t, 1><<<grid, block, t.smem_bytes, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch("dwconv_bwd_input");
     } else {
       dwconv_bwd_input_kernel<scalar_t, 2><<<grid, block, t.smem_bytes, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch("dwconv_bwd_input");
     }
   });
   return gx.contiguous(dwconv_out_format(grad_in));

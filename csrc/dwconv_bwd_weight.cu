@@ -133,10 +133,10 @@ at::Tensor dwconv_bwd_weight_cuda(const at::Tensor& grad_in, const at::Tensor& x
       const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(blocks));
       if (stride == 1) {
         dwconv_bwd_weight_kernel<scalar_t, 1><<<grid, kThreadsPerBlock, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        check_launch("dwconv_bwd_weight");
       } else {
         dwconv_bwd_weight_kernel<scalar_t, 2><<<grid, kThreadsPerBlock, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        check_launch("dwconv_bwd_weight");
       }
     });
   }

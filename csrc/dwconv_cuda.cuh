@@ -16,6 +16,12 @@
 
 namespace pcfast {
 
+// Checks the kernel launch just made (as C10_CUDA_KERNEL_LAUNCH_CHECK does). A GPU for which the
+// build holds neither machine code nor PTX gets an error naming the GPU, its compute capability,
+// the architectures compiled and the rebuild command, instead of CUDA's bare "no kernel image".
+void check_launch(const char* op);
+
+
 constexpr int kRowsPerThread = 4;
 constexpr int kThreadsPerBlock = 256;
 constexpr int64_t kMaxSharedBytes = 48 * 1024;  // the default dynamic shared-memory limit

@@ -130,10 +130,10 @@ at::Tensor dwconv_fwd_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, 
                     static_cast<unsigned>(t.tiles_w * t.tiles_h));
     if (stride == 1) {
       dwconv_fwd_kernel<scalar_t, 1><<<grid, block, t.smem_bytes, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch("dwconv_fwd");
     } else {
       dwconv_fwd_kernel<scalar_t, 2><<<grid, block, t.smem_bytes, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch("dwconv_fwd");
     }
   });
   return y.contiguous(dwconv_out_format(x_in));

@@ -14,6 +14,9 @@
 #else
 #define PCFAST_WITH_CUDA_FLAG 0
 #endif
+#ifndef PCFAST_CUDA_ARCHS
+#define PCFAST_CUDA_ARCHS ""
+#endif
 #ifndef PCFAST_TORCH_VERSION
 #define PCFAST_TORCH_VERSION "unknown"
 #endif
@@ -28,7 +31,8 @@ TORCH_LIBRARY(pcfast, m) {
 
 #ifdef PCFAST_PYTHON_MODULE
 // `import pcfast._C` loads this library, which runs the registrations above. The module carries
-// the build's source hash and torch version so the loader can detect a stale build.
+// the build's source hash and torch version so the loader can detect a stale build, and the CUDA
+// architectures it was compiled for (comma-separated, "" without CUDA).
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                    "pcfast compiled ops (registered with torch.library)", -1,
@@ -37,6 +41,7 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
   if (module == nullptr) return nullptr;
   if (PyModule_AddStringConstant(module, "source_hash", PCFAST_SOURCE_HASH) < 0 ||
       PyModule_AddStringConstant(module, "torch_version", PCFAST_TORCH_VERSION) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_archs", PCFAST_CUDA_ARCHS) < 0 ||
       PyModule_AddIntConstant(module, "with_cuda", PCFAST_WITH_CUDA_FLAG) < 0) {
     Py_DECREF(module);
     return nullptr;
