@@ -98,6 +98,54 @@ def require(op: str, device_type: str) -> None:
     raise RuntimeError(f"pcfast::{op} has no compiled kernel for device type {device_type!r}")
 
 
+def compiled_cuda_archs() -> list[str] | None:
+    """The CUDA architectures ``pcfast._C`` holds code for (``["7.5", ..., "9.0+PTX"]``), ``[]``
+    when it was built without CUDA, None when it is not loaded or does not say."""
+    module = load()
+    text = getattr(module, "cuda_archs", None) if module is not None else None
+    if text is None:
+        return None
+    return [a for a in text.split(",") if a]
+
+
+def arch_covers(capability: tuple[int, int], archs: list[str]) -> bool:
+    """Whether a GPU of compute capability ``(major, minor)`` can run code built for ``archs``.
+
+    Machine code for ``X.Y`` runs on ``X.Z`` with ``Z >= Y`` (same major); PTX for ``X.Y``
+    (``"X.Y+PTX"``) is compiled by the driver for any capability ``>= X.Y``.
+    """
+    for arch in archs:
+        ptx = arch.endswith("+PTX")
+        major, minor = (int(v) for v in arch.removesuffix("+PTX").split("."))
+        if capability[0] == major and capability[1] >= minor:
+            return True
+        if ptx and capability >= (major, minor):
+            return True
+    return False
+
+
+_checked_devices: set[int] = set()
+
+
+def check_cuda_device(device: torch.device) -> None:
+    """Raise a RuntimeError naming the GPU, its capability, the compiled architectures and the
+    rebuild command when ``pcfast._C`` has no code this GPU can run (checked once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _checked_devices:
+        return
+    archs = compiled_cuda_archs()
+    capability = torch.cuda.get_device_capability(index)
+    if archs and not arch_covers(capability, archs):
+        name = torch.cuda.get_device_name(index)
+        cc = f"{capability[0]}.{capability[1]}"
+        raise RuntimeError(
+            f"pcfast._C has no CUDA kernels for {name} (compute capability {cc}): it was compiled "
+            f"for {';'.join(archs)}. Rebuild it for this GPU with "
+            f"`PCFAST_CUDA_ARCHS=\"{cc}\" pip install --no-build-isolation -e .` in the pcfast "
+            "checkout (or add it to the list to keep the others)")
+    _checked_devices.add(index)
+
+
 def warn_fallback(op: str, device_type: str) -> None:
     """Warn once per process that compiled ops fall back to the reference path."""
     global _warned
