@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -29,7 +30,8 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# PCFAST_RESULTS_DIR redirects every result (bench/gpu_check.sh collects one run in one folder).
+RESULTS_DIR = Path(os.environ.get("PCFAST_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def _commit() -> str:
