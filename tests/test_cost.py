@@ -1,0 +1,207 @@
+"""The traffic model of ``bench/cost.py``: the op counter against hand-computed ops and bytes,
+and the inference-step difference method against a hand analysis of the reference engine.
+
+Oracles are counted by hand from the shapes (float32: 4 bytes an element) and from the code of
+``pcfast/pc/engine.py``, never from the counter itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pcfast.pc import sequential_graph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.cost import (  # noqa: E402
+    OpCounter,
+    StepCost,
+    bp_step_cost,
+    check_rows,
+    count_ops,
+    fit_linear,
+    main,
+    pc_step_cost,
+)
+
+F32 = 4
+
+
+def test_one_add_is_one_op_reading_two_tensors_and_writing_one():
+    a, b = torch.randn(3, 5), torch.randn(3, 5)
+    c = count_ops(lambda: torch.add(a, b))
+    assert dict(c.ops) == {"aten.add.Tensor": 1}
+    assert c.n_bytes == 3 * a.nbytes == 3 * 15 * F32
+
+
+def test_in_place_add_reads_both_and_writes_self_once():
+    a, b = torch.randn(4, 6), torch.randn(4, 6)
+    c = count_ops(lambda: a.add_(b))
+    assert dict(c.ops) == {"aten.add_.Tensor": 1}
+    assert c.n_bytes == 3 * 24 * F32
+
+
+def test_broadcast_operand_counts_its_distinct_elements():
+    a, row = torch.randn(8, 6), torch.randn(6)
+    c = count_ops(lambda: a + row.expand(8, 6))
+    assert c.n_ops == 1  # the expand is a view: excluded
+    assert c.n_bytes == (48 + 6 + 48) * F32
+
+
+def test_linear_forward_counts_its_addmm():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        c = count_ops(lambda: lin(x))
+    assert dict(c.ops) == {"aten.addmm.default": 1}  # weight.t() is a view: not counted
+    # bias (2) + input (5x3) + weight (2x3) read, output (5x2) written
+    assert c.n_bytes == (2 + 15 + 6 + 10) * F32
+    assert c.excluded["view: aten.t.default"] == 1
+
+
+def test_view_and_allocation_ops_are_excluded():
+    x = torch.randn(4, 6)
+
+    def metadata_only() -> None:
+        x.view(24)
+        x.t()
+        x.reshape(2, 12)
+        x[1]
+        x[:, 2:4]
+        x.unsqueeze(0).expand(3, 4, 6)
+        x.detach()
+        x.permute(1, 0)
+        torch.empty(100)
+        torch.empty_like(x)
+
+    c = count_ops(metadata_only)
+    assert c.n_ops == 0 and c.n_bytes == 0
+    assert sum(c.excluded.values()) >= 10
+
+
+def test_copies_count():
+    x = torch.randn(4, 6)
+    c = count_ops(lambda: (x.double(), x.t().contiguous()))
+    assert c.ops["aten._to_copy.default"] == 1
+    assert c.ops["aten.clone.default"] == 1
+    assert c.n_bytes == (24 * F32 + 24 * 8) + 2 * 24 * F32
+
+
+@torch.library.custom_op("pcfast_cost_test::three_ops", mutates_args=())
+def _three_ops(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2 + 1).relu()
+
+
+def test_custom_op_counts_once_not_its_body():
+    x = torch.randn(10)
+    with OpCounter() as counter:
+        torch.ops.pcfast_cost_test.three_ops(x)
+    assert dict(counter.count.ops) == {"pcfast_cost_test.three_ops.default": 1}
+    assert counter.count.n_bytes == 2 * 10 * F32
+    assert count_ops(lambda: (x * 2 + 1).relu()).n_ops == 3  # the same body, uncounted above
+
+
+def test_foreach_in_place_op_charges_the_mutated_list():
+    xs, ys = [torch.randn(3), torch.randn(5)], [torch.randn(3), torch.randn(5)]
+    c = count_ops(lambda: torch._foreach_add_(xs, ys))
+    assert c.n_ops == 1
+    assert c.n_bytes == 3 * 8 * F32  # read xs, ys; write xs
+
+
+def _mlp_graph(widths: tuple[int, ...]):
+    def make():
+        torch.manual_seed(0)
+        layers = [nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
+        return sequential_graph(layers)
+    return make
+
+
+def _mlp_batch(d_in: int):
+    def make(n: int):
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(n, d_in, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return make
+
+
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_reference_step_of_a_two_layer_linear_mlp(schedule, k):
+    """Graph input -> layer0 = Linear(5, 7) -> layer1 = Linear(7, 3) (output). One step of the
+    reference engine (both schedules: one hidden node, one child) is one
+    ``autograd.grad(mu1, leaf0, e1)``, i.e. AddmmBackward's input gradient
+    ``mm(e1 (N x 3), W1 (3 x 7))``, then ``_relax`` at rate 0.5: ``lerp(e0, back, 0.5)``."""
+    n, d_in, h, c = 6, 5, 7, 3
+    step = pc_step_cost(_mlp_graph((d_in, h, c)), _mlp_batch(d_in), n, schedule, "reference",
+                        k=k, rate=0.5)
+    assert step.ops == {"aten.mm.default": 1, "aten.lerp.Scalar": 1}
+    mm = (n * c + c * h + n * h) * F32
+    lerp = 3 * n * h * F32
+    assert step.bytes == {"aten.mm.default": mm, "aten.lerp.Scalar": lerp}
+
+
+def test_rate_one_drops_the_lerp_and_three_layers_double_the_work():
+    """At rate 1 ``_relax`` returns the propagated error itself (no op). Three layers
+    (5 -> 7 -> 4 -> 3): jacobi sends from layer1 and layer2, so one step is two ``mm``."""
+    n = 4
+    step = pc_step_cost(_mlp_graph((5, 7, 4, 3)), _mlp_batch(5), n, "jacobi", "reference",
+                        k=2, rate=1.0)
+    assert step.ops == {"aten.mm.default": 2}
+    # layer1: mm(e1 (n x 4), W1 (4 x 7)) -> n x 7; layer2: mm(e2 (n x 3), W2 (3 x 4)) -> n x 4
+    want = (n * 4 + 28 + n * 7) + (n * 3 + 12 + n * 4)
+    assert step.n_bytes == want * F32
+
+
+def test_linear_fit_over_batch_sizes_recovers_weights_and_per_sample_bytes():
+    steps = [pc_step_cost(_mlp_graph((5, 7, 3)), _mlp_batch(5), n, "jacobi", "reference")
+             for n in (2, 6, 4)]
+    fit = fit_linear(steps)
+    assert fit.ops == 2
+    assert fit.a == 3 * 7 * F32  # the weight W1 is the batch-independent part
+    assert fit.b == (3 + 7 + 3 * 7) * F32  # mm reads e1, writes back; lerp moves 3 x 7
+    assert fit.bytes_at(256) == fit.a + 256 * fit.b
+
+
+def test_fit_rejects_nonlinear_bytes_and_batch_dependent_ops():
+    def cost(n: int, b: float, ops: float = 1.0) -> StepCost:
+        return StepCost(n, {"aten.x": ops}, {"aten.x": b}, {})
+
+    fit_linear([cost(2, 10.0), cost(4, 20.0), cost(3, 15.0)])
+    with pytest.raises(AssertionError, match="not linear"):
+        fit_linear([cost(2, 10.0), cost(4, 20.0), cost(3, 16.0)])
+    with pytest.raises(AssertionError, match="op counts differ"):
+        fit_linear([cost(2, 10.0), cost(4, 20.0, ops=2.0)])
+
+
+def test_bp_step_counts_forward_backward_and_one_foreach_adam():
+    """Linear(5, 3) + CE: the step has the addmm forward, the weight-gradient mm of the
+    backward and Adam's multi-tensor ops (no per-parameter ops: a foreach step)."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Linear(5, 3)
+
+    c = bp_step_cost(make, _mlp_batch(5), 4)
+    assert c.ops["aten.addmm.default"] == 1
+    assert c.ops["aten.mm.default"] == 1  # dW; no input gradient for the data
+    assert any(name.startswith("aten._foreach_") for name in c.ops)
+    assert c.ops.get("aten.add_.Tensor", 0) == 0  # no per-parameter Adam loop
+
+
+def test_check_gate_flags_rows_over_the_thresholds():
+    rows = [{"model": "m", "schedule": "jacobi", "path": "fast", "x_bp_bytes": 0.5,
+             "ops_per_step": 30},
+            {"model": "m", "schedule": "jacobi", "path": "reference", "x_bp_bytes": 0.9,
+             "ops_per_step": 300}]
+    assert check_rows(rows, max_ratio=0.6, max_ops=40) == []
+    assert len(check_rows(rows, max_ratio=0.35, max_ops=None)) == 1
+    assert len(check_rows(rows, max_ratio=None, max_ops=20)) == 1
+    assert len(check_rows(rows, max_ratio=0.35, max_ops=20, paths=("fast", "reference"))) == 4
+
+
+def test_check_needs_a_threshold():
+    with pytest.raises(SystemExit):
+        main(["--check", "--no-write"])
