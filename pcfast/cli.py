@@ -1,4 +1,5 @@
-"""The ``pcfast`` command line: ``pcfast train``, ``pcfast experiment NAME``, ``pcfast list``."""
+"""The ``pcfast`` command line: ``pcfast train``, ``pcfast experiment NAME``, ``pcfast list``,
+``pcfast doctor``."""
 
 from __future__ import annotations
 
@@ -173,6 +174,12 @@ def _cmd_list(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(ns: argparse.Namespace) -> int:
+    from pcfast.doctor import run
+
+    return run(ns.device, ns.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcfast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_cmd_experiment)
     lst = sub.add_parser("list", help="models, rules, presets and experiments")
     lst.set_defaults(func=_cmd_list)
+    doc = sub.add_parser("doctor", help="check this install: versions, compiled ops, every op "
+                         "against its reference, the PC engines")
+    doc.add_argument("--device", default=None,
+                     help="check only this device: cpu, cuda or cuda:N (default: cpu and cuda)")
+    doc.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON")
+    doc.set_defaults(func=_cmd_doctor)
     return parser
 
 
