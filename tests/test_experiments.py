@@ -18,7 +18,7 @@ from pcfast.train.schedule import LRSchedule
 
 def _args(run_dir: Path, **kw) -> SimpleNamespace:
     values = dict(run_dir=str(run_dir), epochs=None, iterations=None, device="cpu",
-                  data_dir=str(run_dir / "no-data"), seed=0, quick=True,
+                  data_dir=None, seed=0, quick=True,
                   allow_unofficial_data=True)
     values.update(kw)
     return SimpleNamespace(**values)

@@ -140,7 +140,7 @@ def test_no_data_falls_back_to_synthetic_with_one_line(tmp_path, monkeypatch, ca
     monkeypatch.delenv("PCFAST_CIFAR10_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = TrainConfig.from_dict({**TINY, "synthetic": False, "rule": "bp", "epochs": 1,
-                                 "data_dir": str(tmp_path / "none"), "out_dir": str(tmp_path / "r")})
+                                 "out_dir": str(tmp_path / "r")})  # no location named
     run_training(cfg)
     lines = [line for line in capsys.readouterr().out.splitlines() if "synthetic" in line]
     assert len(lines) == 2 and lines[0].startswith("No CIFAR-10 copy found")
@@ -214,8 +214,8 @@ def test_the_main_job_tries_a_download_then_says_in_one_line_it_uses_synthetic_d
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
     monkeypatch.delenv("PCFAST_CIFAR10_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = preset_config("demo", data_dir=str(tmp_path / "none"), out_dir=str(tmp_path / "r"),
-                        epochs=1, train_subset=64, test_subset=64, progress=False)
+    cfg = preset_config("demo", out_dir=str(tmp_path / "r"), epochs=1, train_subset=64,
+                        test_subset=64, progress=False)
     assert cfg.download
     run_training(cfg.replace(model="mlp", model_kwargs={"hidden": [8]}))
     out = capsys.readouterr().out

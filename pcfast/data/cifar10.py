@@ -29,6 +29,7 @@ OFFICIAL_MD5 = {
     "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
     "test_batch": "40351d587109b95175f43aff81a1287e",
 }
+ENV_VAR = "PCFAST_CIFAR10_DIR"  # a folder holding cifar-10-batches-py
 CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -129,24 +130,51 @@ def load_cifar10(root: str | os.PathLike, train: bool = True,
     names = TRAIN_FILES if train else TEST_FILES
     if allow_unofficial is None:
         allow_unofficial = allow_unofficial_default()
-    verify_files(folder, names, allow_unofficial)
+    # Read first: a truncated or corrupt file is reported as such, not as an md5 mismatch.
     parts = [read_batch(folder / n) for n in names]
+    verify_files(folder, names, allow_unofficial)
     return CIFAR10Split(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
-def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = False) -> Path | None:
-    """The folder holding ``cifar-10-batches-py``, or None when there is none to be had.
+def missing_files(root: str | os.PathLike) -> list[str]:
+    """The files of a complete copy (five training batches and the test batch) absent in ``root``."""
+    folder = resolve_root(root)
+    return [n for n in TRAIN_FILES + TEST_FILES if not (folder / n).is_file()]
 
-    Looks in ``data_dir``, then ``$PCFAST_CIFAR10_DIR``, then ``~/.cache/pcfast``; with
-    ``download=True`` fetches it through torchvision into ``data_dir`` (or the cache) when online.
+
+def named_location(data_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
+    """The CIFAR-10 location the user named, and how: ``(path, "--data-dir")`` for ``data_dir``,
+    which wins over ``(path, "PCFAST_CIFAR10_DIR")`` for the environment variable.
+
+    None when neither is given: only then may a caller fall back to other data.
     """
-    candidates = [data_dir, os.environ.get("PCFAST_CIFAR10_DIR"), Path.home() / ".cache" / "pcfast"]
-    for c in candidates:
-        if c and (Path(c).expanduser() / FOLDER).is_dir():
-            return Path(c).expanduser()
+    if data_dir:
+        return Path(data_dir).expanduser(), "--data-dir"
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser(), ENV_VAR
+    return None
+
+
+def _holds_copy(path: Path) -> bool:
+    return (path / FOLDER).is_dir() or (path.name == FOLDER and path.is_dir())
+
+
+def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = False) -> Path | None:
+    """The folder holding ``cifar-10-batches-py`` (or that folder itself), or None.
+
+    A named location, ``data_dir`` or else ``$PCFAST_CIFAR10_DIR``, is the only place looked at:
+    the flag wins over the environment and neither falls through to another copy. With no
+    location named it looks in ``~/.cache/pcfast``. With ``download=True`` it fetches CIFAR-10
+    through torchvision into the named location (or the cache) when none is there and the
+    machine is online; None when that fails.
+    """
+    named = named_location(data_dir)
+    target = named[0] if named else Path.home() / ".cache" / "pcfast"
+    if _holds_copy(target):
+        return target
     if not download:
         return None
-    target = Path(data_dir or Path.home() / ".cache" / "pcfast").expanduser()
     try:
         import torchvision.datasets
 
@@ -154,6 +182,6 @@ def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Fal
         with contextlib.redirect_stdout(io.StringIO()):
             torchvision.datasets.CIFAR10(str(target), train=True, download=True)
             torchvision.datasets.CIFAR10(str(target), train=False, download=True)
-    except Exception:  # offline, blocked, or no torchvision: the caller falls back
+    except Exception:  # offline, blocked, or no torchvision: the caller decides
         return None
     return target if (target / FOLDER).is_dir() else None

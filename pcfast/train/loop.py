@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pcfast.data.pipeline import build_data
+from pcfast.data.pipeline import build_data, data_label
 from pcfast.models import build_model, count_parameters
 from pcfast.train.checkpoint import (
     load_checkpoint,
@@ -33,6 +33,46 @@ from pcfast.train.rules import Rule, build_optimizer, build_rule
 from pcfast.train.schedule import LRSchedule
 
 SYNC_EVERY = 20  # optimizer steps between host syncs (progress bar, divergence check)
+
+
+# Measured on a CPU (reference path): one PC inference step of Res-DualNet on a batch of 256
+# images takes about 1.0 s, so the seed set-up (T=100) takes about 100 s per batch.
+CPU_PC_STEP_SECONDS_PER_256 = {"resdualnet": 1.0}
+SLOW_EPOCH_SECONDS = 600.0  # a CPU estimate above this gets a line pointing to --preset demo
+
+
+def estimate_cpu_epoch_seconds(cfg: TrainConfig, batches: int) -> float | None:
+    """Estimated seconds per training epoch of a PC run on the CPU, or None without a figure.
+
+    Scales the measured time per inference step (``CPU_PC_STEP_SECONDS_PER_256``) by ``cfg.T``,
+    the batch size relative to 256 and the ``batches`` per epoch. An estimate: the CPU, its
+    load and the schedule change it.
+    """
+    per_step = CPU_PC_STEP_SECONDS_PER_256.get(cfg.model)
+    if cfg.rule != "pc" or per_step is None:
+        return None
+    return per_step * cfg.T * (cfg.batch_size / 256) * batches
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
+
+def cpu_time_note(cfg: TrainConfig, batches: int) -> str | None:
+    """One line for a slow CPU run (the seed ``seed-pc`` set-up, say): the estimated time per
+    epoch and the preset to use instead. None when the estimate is short or unknown."""
+    seconds = estimate_cpu_epoch_seconds(cfg, batches)
+    if seconds is None or seconds < SLOW_EPOCH_SECONDS:
+        return None
+    per_step = CPU_PC_STEP_SECONDS_PER_256[cfg.model]
+    return (f"Estimated time on a CPU: about {_duration(seconds)} per epoch ({batches} batches of "
+            f"{cfg.batch_size}, T={cfg.T}, at ~{per_step:g} s per inference step per batch of 256, "
+            "an estimate from a measured figure). This set-up is meant for a GPU; for a run of a "
+            "few minutes on a CPU use --preset demo.")
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,7 +123,6 @@ class _Run:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None]) -> None:
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.metrics_path = self.out / "metrics.jsonl"
         self.device = resolve_device(cfg.device)
@@ -94,7 +133,9 @@ class _Run:
         self.rule: Rule = build_rule(self.model, cfg)
         self.optimizer = build_optimizer(self.rule.parameter_groups(), cfg)
         self.schedule = LRSchedule(self.optimizer, cfg)
+        # Then the data: a missing or corrupt copy fails before anything is written.
         self.data = build_data(cfg, self.device, log)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
         self.step = 0
@@ -188,7 +229,8 @@ class _Run:
     def end_epoch(self, train: dict[str, float]) -> dict[str, Any]:
         test = evaluate(self.model, self.data.test)
         row: dict[str, Any] = {
-            "epoch": self.epoch + 1, "step": self.step, "lr": self.schedule.current_lr(),
+            "epoch": self.epoch + 1, "step": self.step, "data": self.data.source,
+            "lr": self.schedule.current_lr(),
             "train_loss": train.get("loss"), "train_acc": train.get("accuracy"),
             "train_error": None if "accuracy" not in train else 1.0 - train["accuracy"],
             "test_loss": test["loss"], "test_acc": test["acc"],
@@ -223,20 +265,26 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[d
         run.restore()
     elif cfg.resume:
         log(f"--resume: no checkpoint in {run.out} yet, starting afresh.")
-    write_json(run.out / "config.json", cfg.to_dict())
+    # "data" records where the images came from ("synthetic" or "cifar10:<path>").
+    write_json(run.out / "config.json", {**cfg.to_dict(), "data": run.data.source})
     total = run.num_epochs()
     if run.epoch == 0:
         write_metrics(run.metrics_path, [])
         log(f"{cfg.model} ({count_parameters(run.model):,} parameters), rule {cfg.rule}, "
             f"{total} epochs of {len(run.data.train)} batches on {run.device}; data: "
             f"{run.data.source}; writing to {run.out}")
+    if run.device.type == "cpu":
+        note = cpu_time_note(cfg, len(run.data.train))
+        if note:
+            log(note)
+    title = f"{cfg.model} / {cfg.rule} / {data_label(run.data.source)}"
     while run.epoch < total and not (cfg.iterations and run.step >= cfg.iterations):
         train = run.train_epoch(total)
         row = run.end_epoch(train)
         run.rows.append(row)
         write_metrics(run.metrics_path, run.rows)
         save_checkpoint(run.ckpt_path, run.state())
-        plot_curves(run.rows, run.out / "curves.png", title=f"{cfg.model} / {cfg.rule}")
+        plot_curves(run.rows, run.out / "curves.png", title=title)
         log(f"epoch {row['epoch']}/{total}: train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f} | test loss {row['test_loss']:.4f} "
             f"acc {row['test_acc']:.4f} | {row['epoch_seconds']:.1f} s, "

@@ -29,6 +29,11 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Write ``path`` (PNG) with one panel per family of metrics found in ``rows``."""
+    return save_figure(curves_figure(rows, title), path)
+
+
+def curves_figure(rows: list[dict[str, Any]], title: str = ""):
+    """The figure of :func:`plot_curves`: one panel per family of metrics, ``title`` on top."""
     panels: list[tuple[str, list[str]]] = [
         ("loss", ["train_loss", "val_loss", "test_loss"]),
         ("accuracy", ["train_acc", "val_acc", "test_acc"]),
@@ -57,4 +62,4 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+    return fig
