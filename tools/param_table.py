@@ -35,6 +35,8 @@ ENTRIES: list[tuple[str, str, dict, str]] = [
     ("rescnn (defaults)", "rescnn", {}, "yes"),
     ("rescnn block=big", "rescnn", {"block": "big"}, "yes"),
     ("mixer (defaults)", "mixer", {}, "no"),
+    ("vgg5 (PCX)", "vgg5", {}, "yes"),
+    ("vgg7 (PCX)", "vgg7", {}, "yes"),
     *[(f"model-zoo: {name}", model, kw, "no" if model == "mixer" else "yes")
       for name, (model, kw) in ZOO.items()],
 ]

@@ -17,6 +17,7 @@ from pcfast.models.pc_resdualnet import PCResDualNet
 from pcfast.models.resdualnet import ResDualNet
 from pcfast.models.resnet18 import ResNet, resnet18, resnet34
 from pcfast.models.simple import CNN, MLP, ResCNN
+from pcfast.models.vgg import VGG, vgg5, vgg7
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resdualnet": ResDualNet,
@@ -31,6 +32,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mixer": MLPMixer,
     # the DTP baseline MLP (forward and feedback layers); BP trains its forward layers
     "dtp-mlp": DTPNet,
+    # the CIFAR-10 nets of the PCX benchmark (Pinchetti et al., ICLR 2025)
+    "vgg5": vgg5,
+    "vgg7": vgg7,
 }
 
 
@@ -56,4 +60,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["CNN", "MLP", "MODELS", "CifarResNet", "DualPathDWConv", "MLPMixer", "PCResDualNet",
-           "ResCNN", "ResDualNet", "ResNet", "build_model", "count_parameters", "register_model"]
+           "ResCNN", "ResDualNet", "ResNet", "VGG", "build_model", "count_parameters", "register_model"]

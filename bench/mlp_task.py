@@ -1,0 +1,367 @@
+"""The standard small PC task that PC libraries compare on: pcfast vs a hand-written PyTorch loop.
+
+Task: MLP 784-256-256-10 with tanh hidden layers, squared-error output energy
+``0.5 ||logits - onehot(y)||^2`` summed over the batch, batch 128, T=20 inference steps at state
+rate 0.1 (jacobi schedule: every node from the previous step's errors), then ONE Adam step
+(lr 1e-3) on the weights per batch. Inputs are N(0, 1) of MNIST size (784 features, flattened),
+labels random ints in [0, 10): timing does not depend on content. Per row: 3 warm-up batches,
+then the best of 3 repeats of 11 batches, reported as ms per batch; the repeats of all rows are
+interleaved so that load from other jobs falls on every row alike.
+
+Rows (all in one run, same device, same initial weights, same batches):
+
+===========================  ==============================================================
+``pcfast-strict-reference``  ``PCEngine(fpa=False, backend="reference")``: strict PC
+``pcfast-strict-fast``       ``PCEngine(fpa=False, backend="fast")``; where pcfast raises a
+                             ValueError for strict PC on the fast path the row says
+                             "not available: <message>"
+``pcfast-fpa-fast``          ``PCEngine(fpa=True, backend="fast")``
+``pcfast-fpa-reference``     ``PCEngine(fpa=True, backend="reference")``
+``hand-strict-eager``        :func:`hand_strict_grads`, closed-form gradients, eager
+``hand-strict-compile``      the same under ``torch.compile`` (the reason is recorded if it
+                             cannot compile here)
+``hand-fpa-eager``           :func:`hand_fpa_grads`, eager
+``hand-fpa-compile``         the same under ``torch.compile``
+===========================  ==============================================================
+
+The ratio column is each row's time over the hand-written EAGER loop of the same math (strict or
+FPA). The hand-written loops implement exactly the engine's math (``tests/test_mlp_task.py``
+checks their weight gradients against ``PCEngine(backend="reference")`` in float64, and every run
+re-checks it on a small float64 batch before timing):
+
+- nodes: ``h1 = tanh(W0 x + b0)``, ``h2 = tanh(W1 h1 + b1)``, output ``W2 h2 + b2`` (the output
+  is not a free node: its energy is the task loss at its prediction);
+- feedforward initialisation (all hidden errors 0);
+- state update ``x_u <- x_u - rate * (e_u - J^T e_child)`` for all hidden nodes at once;
+- FPA keeps predictions and Jacobians (``1 - h^2``) at their feedforward values and the output
+  error at ``onehot - logits_ff``; strict recomputes them from the current values every step;
+- weight gradients ``-(d mu_v / d theta)^T e_v`` at the relaxed state, divided by the batch size.
+
+Usage::
+
+    python bench/mlp_task.py                         # every row, device auto
+    python bench/mlp_task.py --device cuda
+    python bench/mlp_task.py --rows hand-fpa-eager pcfast-fpa-fast --batches 5 --repeats 1
+
+CPU timings here check that the benchmark runs and give CPU ratios; GPU speed is measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import environment, print_table, write_result  # noqa: E402
+from pcfast.pc import PCEngine, sequential_graph  # noqa: E402
+
+ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-fast", "pcfast-fpa-reference",
+        "hand-strict-eager", "hand-strict-compile", "hand-fpa-eager", "hand-fpa-compile")
+SIZES = (784, 256, 256, 10)
+
+
+# ------------------------------------------------------------------------------- the network
+def make_layers(sizes: Sequence[int] = SIZES, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> list[nn.Module]:
+    """The PC node modules: ``Linear + Tanh`` for every hidden layer, a bare ``Linear`` last.
+
+    Shapes: node ``l`` maps ``(N, sizes[l]) -> (N, sizes[l + 1])``.
+    """
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b)
+        layers.append(nn.Sequential(lin, nn.Tanh()) if i < len(sizes) - 2 else lin)
+    return [m.to(device=device, dtype=dtype) for m in layers]
+
+
+def flat_params(layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """``[W0, b0, W1, b1, ...]`` (``W_l``: ``(out, in)`` as ``nn.Linear``) of ``make_layers``."""
+    out: list[torch.Tensor] = []
+    for m in layers:
+        lin = m[0] if isinstance(m, nn.Sequential) else m
+        out += [lin.weight, lin.bias]
+    return out
+
+
+# ------------------------------------------------------------------- hand-written PC, closed form
+def hand_fpa_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, T: int,
+                   rate: float) -> list[torch.Tensor]:
+    """FPA PC on a tanh MLP with squared-error output; returns ``[dW0, db0, dW1, db1, ...]``.
+
+    ``params``: ``[W0, b0, ..., WL, bL]``; ``x``: ``(N, in)``; ``y``: ``(N,)`` int64. Hidden
+    nodes ``h_{l+1} = tanh(W_l h_l + b_l)`` (``h_0 = x``), output ``W_L h_L + b_L``. Predictions,
+    the tanh derivatives ``1 - h^2`` and the output error stay at their feedforward values; the
+    hidden errors relax for ``T`` jacobi steps ``e_l <- e_l + rate (J_l^T e_{l+1} - e_l)``.
+    """
+    Ws, bs = list(params[0::2]), list(params[1::2])
+    L = len(Ws) - 1  # hidden nodes 1..L
+    n = x.shape[0]
+    h = [x]
+    for W, b in zip(Ws[:-1], bs[:-1]):
+        h.append(torch.tanh(torch.addmm(b, h[-1], W.t())))
+    logits = torch.addmm(bs[-1], h[-1], Ws[-1].t())
+    d = [None] + [1 - hl * hl for hl in h[1:]]  # tanh' at the feedforward values
+    e_out = F.one_hot(y, logits.shape[1]).to(logits.dtype) - logits
+    e = [None] + [torch.zeros_like(hl) for hl in h[1:]]
+    for _ in range(T):
+        # J^T e of node l's child: through the child's tanh (hidden) or straight (output).
+        back = [None] + [(e[l + 1] * d[l + 1]) @ Ws[l] for l in range(1, L)] + [e_out @ Ws[L]]
+        e = [None] + [e[l] + rate * (back[l] - e[l]) for l in range(1, L + 1)]
+    grads: list[torch.Tensor] = []
+    for l in range(L + 1):
+        g = e[l + 1] * d[l + 1] if l < L else e_out  # error at the pre-activation
+        grads += [-(g.t() @ h[l]) / n, -g.sum(0) / n]
+    return grads
+
+
+def hand_strict_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, T: int,
+                      rate: float) -> list[torch.Tensor]:
+    """Strict PC on a tanh MLP with squared-error output; returns ``[dW0, db0, dW1, db1, ...]``.
+
+    Energy ``F = sum_l 0.5 ||v_l - mu_l||^2 + 0.5 ||mu_out - onehot(y)||^2`` (summed over the
+    batch), ``mu_{l+1} = tanh(W_l v_l + b_l)`` with ``v_0 = x``. Values start at the feedforward
+    pass; every step recomputes the predictions and moves all hidden values at once by
+    ``-rate dF/dv``; the weight gradients are ``dF/dtheta`` at the relaxed values, over ``N``.
+    ``mu_1`` depends on the clamped input only and is computed once.
+    """
+    Ws, bs = list(params[0::2]), list(params[1::2])
+    L = len(Ws) - 1
+    n = x.shape[0]
+    v = [x]
+    for W, b in zip(Ws[:-1], bs[:-1]):
+        v.append(torch.tanh(torch.addmm(b, v[-1], W.t())))
+    target = F.one_hot(y, Ws[-1].shape[0]).to(x.dtype)
+    mu1 = v[1]
+
+    def predict(v: list[torch.Tensor]):
+        mu = [None, mu1] + [torch.tanh(torch.addmm(bs[l], v[l], Ws[l].t())) for l in range(1, L)]
+        eps = [None] + [v[l] - mu[l] for l in range(1, L + 1)]
+        eps_out = target - torch.addmm(bs[L], v[L], Ws[L].t())
+        # error at each child's pre-activation, eps_{l+1} * tanh'(a_{l+1}); the output is linear
+        g = [None] + [eps[l] * (1 - mu[l] * mu[l]) for l in range(1, L + 1)] + [eps_out]
+        return eps, g
+
+    for _ in range(T):
+        eps, g = predict(v)
+        v = [x] + [v[l] - rate * (eps[l] - g[l + 1] @ Ws[l]) for l in range(1, L + 1)]
+    _, g = predict(v)
+    grads: list[torch.Tensor] = []
+    for l in range(L + 1):
+        grads += [-(g[l + 1].t() @ v[l]) / n, -g[l + 1].sum(0) / n]
+    return grads
+
+
+HAND = {"strict": hand_strict_grads, "fpa": hand_fpa_grads}
+
+
+# --------------------------------------------------------------------------------- the rows
+class HandLoop:
+    """One training step of the hand-written loop: closed-form PC gradients, then Adam."""
+
+    def __init__(self, layers: Sequence[nn.Module], math_: str, T: int, rate: float, lr: float,
+                 compile_: bool) -> None:
+        self.params = flat_params(layers)
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        fn = HAND[math_]
+
+        def grads(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+            return fn(self.params, x, y, T, rate)
+
+        self.grads: Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] = (
+            torch.compile(grads, dynamic=False) if compile_ else grads)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.no_grad():
+            gs = self.grads(x, y)
+        for p, gr in zip(self.params, gs):
+            p.grad = gr
+        self.optimizer.step()
+
+
+class EngineLoop:
+    """One training step of pcfast: ``PCEngine.step`` (relax, local gradients, Adam)."""
+
+    def __init__(self, layers: Sequence[nn.Module], fpa: bool, backend: str, T: int, rate: float,
+                 lr: float) -> None:
+        graph = sequential_graph(list(layers), [f"fc{i}" for i in range(len(layers))])
+        self.engine = PCEngine(graph, T=T, rate=rate, schedule="jacobi", fpa=fpa,
+                               output_loss="mse", backend=backend)
+        self.optimizer = torch.optim.Adam(graph.parameters(), lr=lr)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.engine.step(x, y, self.optimizer)
+
+
+def row_math(row: str) -> str:
+    return "strict" if "strict" in row else "fpa"
+
+
+def build_row(row: str, layers: Sequence[nn.Module], T: int, rate: float, lr: float):
+    if row.startswith("hand-"):
+        return HandLoop(layers, row_math(row), T, rate, lr, compile_=row.endswith("compile"))
+    return EngineLoop(layers, fpa=row_math(row) == "fpa", backend=row.rsplit("-", 1)[1], T=T,
+                      rate=rate, lr=lr)
+
+
+# ---------------------------------------------------------------------------- correctness check
+def max_rel_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """Largest ``max|a - b| / max|b|`` over the pairs."""
+    return max(float((x - z).abs().max() / z.abs().max().clamp_min(1e-300)) for x, z in zip(a, b))
+
+
+def check_against_engine(math_: str, T: int, rate: float, batch: int = 8,
+                         sizes: Sequence[int] = SIZES, seed: int = 0) -> float:
+    """Max relative difference (float64, CPU) between the hand-written loop's weight gradients and
+    ``PCEngine(backend="reference")``'s for ``math_`` in ``("strict", "fpa")``."""
+    layers = make_layers(sizes, seed=seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, sizes[0], generator=g, dtype=torch.float64)
+    y = torch.randint(0, sizes[-1], (batch,), generator=g)
+    params = flat_params(layers)
+    with torch.no_grad():
+        hand = HAND[math_](params, x, y, T, rate)
+    graph = sequential_graph(layers)
+    PCEngine(graph, T=T, rate=rate, fpa=math_ == "fpa", output_loss="mse",
+             backend="reference").compute_gradients(x, y)
+    return max_rel_diff(hand, [p.grad for p in params])
+
+
+# ------------------------------------------------------------------------------------- timing
+def time_batches(step: Callable[[torch.Tensor, torch.Tensor], None],
+                 batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device) -> float:
+    """ms per batch of running ``step`` over ``batches`` once (synchronised on CUDA)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    t0 = time.perf_counter()
+    for x, y in batches:
+        step(x, y)
+    sync()
+    return (time.perf_counter() - t0) * 1e3 / len(batches)
+
+
+def run(rows: Sequence[str], device: torch.device, T: int, batch_size: int, rate: float, lr: float,
+        warmup: int, n: int, repeats: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Time ``rows``; returns one dict per row (``ms_per_batch`` or ``status``).
+
+    Every row is built and warmed up (``warmup`` batches) first; then the repeats are
+    interleaved (repeat 1 of every row, then repeat 2, ...), so that load from other jobs on the
+    machine falls on all rows alike; each repeat times the same ``n`` batches.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = [(torch.randn(batch_size, SIZES[0], generator=g).to(device),
+                torch.randint(0, SIZES[-1], (batch_size,), generator=g).to(device))
+               for _ in range(warmup + n)]
+    base = make_layers(seed=seed, device=device)
+    results: list[dict[str, Any]] = []
+    steps: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {}
+    for row in rows:
+        layers = copy.deepcopy(base)  # the same initial weights for every row
+        rec: dict[str, Any] = {"row": row, "math": row_math(row)}
+        results.append(rec)
+        try:
+            step = build_row(row, layers, T, rate, lr)
+            if row == "pcfast-strict-fast":
+                step(*batches[0])  # pcfast may refuse strict PC here or at the first batch
+        except ValueError as exc:
+            if row != "pcfast-strict-fast":
+                raise
+            rec["status"] = f"not available: {exc}"
+            continue
+        if row.endswith("compile"):
+            try:
+                t0 = time.perf_counter()
+                step(*batches[0])
+                rec["compile_s"] = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 -- any compile failure makes the row optional
+                rec["status"] = f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}"
+                continue
+        time_batches(step, batches[:warmup], device)
+        steps[row] = step
+    for _ in range(repeats):
+        for rec in results:
+            if rec["row"] in steps:
+                ms = time_batches(steps[rec["row"]], batches[warmup:], device)
+                rec.setdefault("repeats_ms", []).append(ms)
+    for rec in results:
+        if rec["row"] in steps:
+            rec.update(ms_per_batch=min(rec["repeats_ms"]), status="ok")
+            step = steps[rec["row"]]
+            if isinstance(step, EngineLoop):
+                rec["backend_ran"] = step.engine.last_backend
+    eager = {r["math"]: r["ms_per_batch"] for r in results
+             if r["row"].startswith("hand-") and r["row"].endswith("eager") and "ms_per_batch" in r}
+    for r in results:
+        if "ms_per_batch" in r and r["math"] in eager:
+            r["x_hand_eager"] = r["ms_per_batch"] / eager[r["math"]]
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), metavar="ROW",
+                        help=f"subset of rows (default all): {', '.join(ROWS)}")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--T", type=int, default=20, help="inference steps per batch (20)")
+    parser.add_argument("--batches", type=int, default=11, help="timed batches per repeat (11)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats; the best counts (3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up batches (3)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rate", type=float, default=0.1, help="state rate (0.1)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
+    ns = parser.parse_args(argv)
+    if ns.batches < 1 or ns.repeats < 1 or ns.warmup < 1 or ns.T < 0:
+        parser.error("need --batches, --repeats, --warmup >= 1 and --T >= 0")
+    device = torch.device("cuda" if ns.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if ns.device == "auto" else ns.device)
+
+    if ns.threads is not None:
+        torch.set_num_threads(ns.threads)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    checks = {m: check_against_engine(m, ns.T, ns.rate) for m in ("strict", "fpa")}
+    if any(not math.isfinite(v) or v > 1e-9 for v in checks.values()):
+        raise SystemExit(f"the hand-written loop no longer matches PCEngine(reference): {checks}")
+    results = run(ns.rows, device, ns.T, ns.batch_size, ns.rate, ns.lr, ns.warmup, ns.batches,
+                  ns.repeats, ns.seed)
+    env = environment(device)
+    print(f"MLP {'-'.join(map(str, SIZES))} tanh, mse output, batch {ns.batch_size}, T={ns.T}, "
+          f"rate {ns.rate}, jacobi, Adam {ns.lr}; best of {ns.repeats} x {ns.batches} batches "
+          f"after {ns.warmup} warm-up; {env['device_name']}")
+    print(f"hand-written vs PCEngine(reference) weight gradients, float64: max rel diff "
+          f"strict {checks['strict']:.1e}, fpa {checks['fpa']:.1e}")
+    print_table(results, ["row", "math", "ms_per_batch", "x_hand_eager", "status"])
+    config = {"sizes": SIZES, "activation": "tanh", "output_loss": "mse", "batch_size": ns.batch_size,
+              "T": ns.T, "rate": ns.rate, "schedule": "jacobi", "optimizer": "adam", "lr": ns.lr,
+              "warmup": ns.warmup, "batches": ns.batches, "repeats": ns.repeats, "seed": ns.seed,
+              "data": "x ~ N(0,1) (N, 784), y ~ randint(10)", "threads": torch.get_num_threads(),
+              # 1-minute load averages before and after: other jobs on the machine skew CPU times
+              "load_average_1min": [load_before and load_before[0],
+                                    os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
+    path = write_result("mlp_task", {"config": config, "rows": results,
+                                     "hand_vs_engine_max_rel_diff_float64": checks,
+                                     "environment": env})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

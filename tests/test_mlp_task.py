@@ -1,0 +1,120 @@
+"""The MLP-task benchmark is honest: its hand-written PC loops compute exactly the engine's math.
+
+In float64 the closed-form loops' weight gradients after T steps equal
+``PCEngine(sequential_graph(...), output_loss="mse", backend="reference")``'s on the same weights,
+for strict PC and for FPA; each loop differs from the other math (so the comparison can fail),
+and FPA at rate 1 with T >= depth equals backprop of the summed squared error (an oracle that
+does not go through pcfast at all).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcfast.pc import PCEngine, sequential_graph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench.common as common  # noqa: E402
+from bench.mlp_task import (  # noqa: E402
+    HAND,
+    flat_params,
+    hand_fpa_grads,
+    hand_strict_grads,
+    main,
+    make_layers,
+    run,
+)
+
+SMALL = (20, 16, 12, 5)  # same structure as 784-256-256-10, small enough for many cases
+
+
+def _batch(sizes, n=6, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, sizes[0], generator=g, dtype=torch.float64)
+    y = torch.randint(0, sizes[-1], (n,), generator=g)
+    return x, y
+
+
+def _engine_grads(layers, x, y, T, rate, fpa):
+    graph = sequential_graph(layers)
+    PCEngine(graph, T=T, rate=rate, schedule="jacobi", fpa=fpa, output_loss="mse",
+             backend="reference").compute_gradients(x, y)
+    return [p.grad.clone() for p in flat_params(layers)]
+
+
+@pytest.mark.parametrize("math_", ["strict", "fpa"])
+@pytest.mark.parametrize(("sizes", "T", "rate"), [
+    ((784, 256, 256, 10), 20, 0.1),   # the benchmark's own configuration
+    (SMALL, 7, 0.35),
+    (SMALL, 3, 1.0),
+    ((20, 16, 16, 16, 5), 4, 0.6),    # a deeper chain: three hidden nodes
+])
+def test_hand_written_loop_equals_reference_engine(math_, sizes, T, rate):
+    layers = make_layers(sizes, seed=1, dtype=torch.float64)
+    x, y = _batch(sizes)
+    with torch.no_grad():
+        hand = HAND[math_](flat_params(layers), x, y, T, rate)
+    engine = _engine_grads(layers, x, y, T, rate, fpa=math_ == "fpa")
+    for h, e in zip(hand, engine):
+        torch.testing.assert_close(h, e, rtol=1e-10, atol=1e-13)
+    assert all(g.abs().sum() > 0 for g in hand)  # every layer received an error
+
+
+def test_strict_and_fpa_differ_so_the_check_can_fail():
+    layers = make_layers(SMALL, seed=1, dtype=torch.float64)
+    x, y = _batch(SMALL)
+    params = flat_params(layers)
+    with torch.no_grad():
+        strict = hand_strict_grads(params, x, y, 7, 0.35)
+        fpa = hand_fpa_grads(params, x, y, 7, 0.35)
+    engine_fpa = _engine_grads(layers, x, y, 7, 0.35, fpa=True)
+    # the first layer's weight gradient differs by far more than the tolerance used above
+    assert (strict[0] - engine_fpa[0]).abs().max() > 1e-4 * engine_fpa[0].abs().max()
+    torch.testing.assert_close(fpa[0], engine_fpa[0], rtol=1e-10, atol=1e-13)
+
+
+def test_fpa_rate_one_is_backprop_of_the_squared_error():
+    layers = make_layers(SMALL, seed=2, dtype=torch.float64)
+    x, y = _batch(SMALL)
+    params = flat_params(layers)
+    out = x
+    for m in layers:
+        out = m(out)
+    loss = 0.5 * (out - F.one_hot(y, SMALL[-1]).double()).pow(2).sum() / x.shape[0]
+    bp = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        pc = hand_fpa_grads(params, x, y, T=len(layers), rate=1.0)
+    for a, b in zip(pc, bp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_benchmark_rows_run_and_report(monkeypatch, tmp_path):
+    rows = ["pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-reference",
+            "pcfast-fpa-fast", "hand-strict-eager", "hand-fpa-eager"]
+    results = run(rows, torch.device("cpu"), T=2, batch_size=4, rate=0.1, lr=1e-3, warmup=1, n=1,
+                  repeats=2)
+    by = {r["row"]: r for r in results}
+    assert list(by) == rows
+    for row in rows:
+        r = by[row]
+        if row == "pcfast-strict-fast" and r["status"] != "ok":
+            assert r["status"].startswith("not available: ")  # pcfast's own ValueError message
+            continue
+        assert r["status"] == "ok" and len(r["repeats_ms"]) == 2
+        assert r["ms_per_batch"] == min(r["repeats_ms"]) > 0
+    assert by["hand-fpa-eager"]["x_hand_eager"] == 1.0
+    assert by["pcfast-fpa-reference"]["backend_ran"] == "reference"
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert main(["--rows", "hand-fpa-eager", "pcfast-fpa-reference", "--device", "cpu",
+                 "--batches", "1", "--repeats", "1", "--warmup", "1", "--T", "2",
+                 "--batch-size", "4"]) == 0
+    payload = json.loads((tmp_path / "mlp_task-cpu.json").read_text())
+    assert payload["config"]["T"] == 2 and len(payload["rows"]) == 2
+    assert max(payload["hand_vs_engine_max_rel_diff_float64"].values()) < 1e-9
