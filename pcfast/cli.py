@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import traceback
 import typing
 from typing import Any
 
@@ -56,6 +57,7 @@ HELP = {
     "out_dir": "run folder: metrics.jsonl, curves.png, checkpoint.pt, config.json",
     "resume": "continue from the checkpoint in --out-dir",
     "progress": "progress bar",
+    "sync_bn": "under torchrun: BatchNorm statistics of the global batch (default: per rank)",
 }
 
 
@@ -118,8 +120,15 @@ def config_from_args(ns: argparse.Namespace):
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from pcfast.data.cifar10 import CIFAR10Error
+    from pcfast.distributed import env_rank
     from pcfast.train.checkpoint import CheckpointError
     from pcfast.train.loop import TrainingDiverged, run_training
+
+    rank, world = env_rank()  # under torchrun every rank meets the same errors: rank 0 says so
+
+    def report(message: str) -> None:
+        if rank == 0:
+            print(message, file=sys.stderr)
 
     where = "the run folder"
     try:
@@ -127,16 +136,24 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         where = cfg.out_dir
         rows = run_training(cfg)
     except TrainingDiverged as exc:
-        print(f"pcfast: {exc}", file=sys.stderr)
+        report(f"pcfast: {exc}")
         return 3
     except KeyboardInterrupt:
-        print(f"pcfast: interrupted; {where} keeps the checkpoint of the last complete epoch: "
-              "run the same command with --resume to continue", file=sys.stderr)
+        report(f"pcfast: interrupted; {where} keeps the checkpoint of the last complete epoch: "
+               "run the same command with --resume to continue")
         return 130
     except (ValueError, CIFAR10Error, CheckpointError) as exc:  # bad input: one line, no trace
-        print(f"pcfast: {exc}", file=sys.stderr)
+        report(f"pcfast: {exc}")
         return 2
-    if rows:
+    except Exception as exc:
+        if world == 1:
+            raise
+        traceback.print_exc()  # this rank failed on its own: it reports, whichever it is
+        print(f"pcfast: rank {rank} of {world} failed ({type(exc).__name__}: {exc}); torchrun "
+              f"stops the other ranks, and {where} keeps the checkpoint of the last complete "
+              "epoch: run the same command with --resume to continue", file=sys.stderr)
+        return 1
+    if rows and rank == 0:
         last = rows[-1]
         print(f"done: test accuracy {last['test_acc']:.4f} (best {last['best_test_acc']:.4f}); "
               f"metrics, curves and checkpoint in {cfg.out_dir}")

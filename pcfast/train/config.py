@@ -68,6 +68,8 @@ class TrainConfig:
     out_dir: str = "runs/latest"
     resume: bool = False
     progress: bool = True
+    # data parallel (torchrun): BatchNorm statistics of the global batch instead of per rank
+    sync_bn: bool = False
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

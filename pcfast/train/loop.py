@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pcfast import distributed as pdist
 from pcfast.data.pipeline import build_data, data_label
 from pcfast.models import build_model, count_parameters
 from pcfast.train.checkpoint import (
@@ -89,8 +90,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, num_classes: int = 10) -> dict[str, Any]:
-    """Mean cross-entropy, accuracy and per-class accuracy of ``model`` on ``loader``."""
+def evaluate(model: torch.nn.Module, loader, num_classes: int = 10,
+             reduce: Callable[..., list[torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Mean cross-entropy, accuracy and per-class accuracy of ``model`` on ``loader``.
+
+    ``reduce`` sums the loss and the per-class counts over the ranks
+    (:meth:`pcfast.distributed.DistContext.all_reduce_sum`): with each rank holding a block of
+    the set, the metrics are those of the whole set.
+    """
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=loader.device)
@@ -103,6 +110,8 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int = 10) -> dict[str,
         correct += torch.bincount(y, weights=hit, minlength=num_classes)[:num_classes]
         total += torch.bincount(y, minlength=num_classes)[:num_classes].float()
     model.train(was_training)
+    if reduce is not None:
+        loss, correct, total = reduce(loss, correct, total)
     n = total.sum().item()
     per_class = (correct / total.clamp(min=1)).tolist()
     return {"loss": loss.item() / max(n, 1), "acc": correct.sum().item() / max(n, 1),
@@ -125,16 +134,28 @@ class _Run:
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / "checkpoint.pt"
         self.metrics_path = self.out / "metrics.jsonl"
-        self.device = resolve_device(cfg.device)
+        # One process, or this rank of a torchrun job (pcfast.distributed): only rank 0 logs.
+        self.dist = pdist.init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.log = log = pdist.rank_zero(log, self.dist)
+        pdist.check_config(cfg, self.dist)
         torch.manual_seed(cfg.seed)
         # Model, rule and optimizer first: a bad option fails before any data is read.
         self.model = build_model(cfg.model, **cfg.model_kwargs).to(self.device)
         _apply_init(self.model, cfg.init)
+        if cfg.sync_bn:
+            self.model = pdist.prepare_sync_bn(self.model, self.dist, log)
         self.rule: Rule = build_rule(self.model, cfg)
         self.optimizer = build_optimizer(self.rule.parameter_groups(), cfg)
         self.schedule = LRSchedule(self.optimizer, cfg)
+        # Several ranks: rank 0's weights everywhere; BP through DDP, PC and DTP average their
+        # own gradients (pcfast.distributed.distribute_rule).
+        self.dist.broadcast_module(self.model)
+        pdist.distribute_rule(self.rule, self.dist)
         # Then the data: a missing or corrupt copy fails before anything is written.
-        self.data = build_data(cfg, self.device, log)
+        self.data = self.dist.main_first(lambda: build_data(cfg, self.device, log))
+        self.full_test = self.data.test  # the whole test set, for the rule's own metrics
+        self.data = pdist.shard_data(self.data, self.dist)  # this rank's part of each batch
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
@@ -148,12 +169,15 @@ class _Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else {},
+            "world_size": self.dist.world_size,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
 
     def restore(self) -> None:
-        ckpt = load_checkpoint(self.ckpt_path, self.device)
+        # Rank 0 reads it and sends it to the other ranks (their machines may not hold it).
+        where = "cpu" if self.dist.enabled else self.device
+        ckpt = self.dist.from_main(lambda: load_checkpoint(self.ckpt_path, where))
         old = ckpt["config"]
         for key in ("model", "rule", "model_kwargs"):
             if old.get(key) != getattr(self.cfg, key):
@@ -171,7 +195,11 @@ class _Run:
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         self.epoch, self.step = ckpt["epoch"] + 1, ckpt["step"]
         self.rows = [r for r in read_metrics(self.metrics_path) if r["epoch"] <= ckpt["epoch"] + 1]
-        write_metrics(self.metrics_path, self.rows)
+        if self.dist.is_main:
+            write_metrics(self.metrics_path, self.rows)
+        if ckpt.get("world_size", 1) != self.dist.world_size:
+            self.log(pdist.world_size_note(ckpt.get("world_size", 1), self.dist.world_size,
+                                           self.cfg))
         self.log(f"Resuming {self.out} after epoch {ckpt['epoch'] + 1} (step {self.step}).")
 
     # ---------------------------------------------------------------------- epochs
@@ -183,12 +211,14 @@ class _Run:
     def train_epoch(self, total_epochs: int) -> dict[str, float]:
         cfg, loader = self.cfg, self.data.train
         loader.set_epoch(self.epoch)
+        self.dist.seed_epoch(cfg.seed, self.epoch)
         self.schedule.on_epoch_start(self.epoch)
         sums: dict[str, torch.Tensor] = {}
         seen = 0
         means: dict[str, float] = {}
         bar = tqdm(total=len(loader), desc=f"epoch {self.epoch + 1}/{total_epochs}",
-                   disable=not cfg.progress, leave=False, dynamic_ncols=True)
+                   disable=not cfg.progress or not self.dist.is_main, leave=False,
+                   dynamic_ncols=True)
         start = time.perf_counter()
         for i, (x, y) in enumerate(loader):
             if cfg.iterations and self.step >= cfg.iterations:
@@ -208,10 +238,12 @@ class _Run:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         bar.close()
-        means.update(seconds=seconds, images=seen)
+        means.update(seconds=seconds, images=seen * self.dist.world_size)  # equal local batches
         return means
 
     def _sync(self, sums: dict[str, torch.Tensor], seen: int, batch: int) -> dict[str, float]:
+        # Over all ranks: a NaN on any rank reaches every rank here, and they stop together.
+        sums, seen = self.dist.reduce_sums(sums, seen)
         means = {k: (v / seen).item() for k, v in sums.items()}
         bad = {k: v for k, v in means.items() if not math.isfinite(v)}
         if bad:
@@ -227,7 +259,8 @@ class _Run:
         return means
 
     def end_epoch(self, train: dict[str, float]) -> dict[str, Any]:
-        test = evaluate(self.model, self.data.test)
+        self.dist.broadcast_module(self.model, buffers_only=True)  # rank 0's BN statistics
+        test = evaluate(self.model, self.data.test, reduce=self.dist.all_reduce_sum)
         row: dict[str, Any] = {
             "epoch": self.epoch + 1, "step": self.step, "data": self.data.source,
             "lr": self.schedule.current_lr(),
@@ -243,10 +276,10 @@ class _Run:
                 row[k] = v
         eval_error = 1.0 - test["acc"]
         if self.data.val is not None:
-            val = evaluate(self.model, self.data.val)
+            val = evaluate(self.model, self.data.val, reduce=self.dist.all_reduce_sum)
             row.update(val_loss=val["loss"], val_acc=val["acc"])
             eval_error = 1.0 - val["acc"]
-        row.update(self.rule.epoch_metrics(self.data.test))
+        row.update(self.rule.epoch_metrics(self.full_test))
         row["best_test_acc"] = max([r["test_acc"] for r in self.rows] + [test["acc"]])
         self.schedule.on_epoch_end(eval_error)
         return row
@@ -261,17 +294,22 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[d
         rows[-1]["test_acc"]
     """
     run = _Run(cfg, log)
-    if cfg.resume and run.ckpt_path.exists():
+    log, main = run.log, run.dist.is_main  # under torchrun only rank 0 logs and writes files
+    if cfg.resume and run.dist.from_main(run.ckpt_path.exists):
         run.restore()
     elif cfg.resume:
         log(f"--resume: no checkpoint in {run.out} yet, starting afresh.")
     # "data" records where the images came from ("synthetic" or "cifar10:<path>").
-    write_json(run.out / "config.json", {**cfg.to_dict(), "data": run.data.source})
+    if main:
+        write_json(run.out / "config.json", {**cfg.to_dict(), "data": run.data.source})
     total = run.num_epochs()
     if run.epoch == 0:
-        write_metrics(run.metrics_path, [])
+        if main:
+            write_metrics(run.metrics_path, [])
+        where = (f"{run.device}" if not run.dist.enabled else f"{run.dist.world_size} ranks "
+                 f"({run.device.type}, {cfg.batch_size // run.dist.world_size} images each)")
         log(f"{cfg.model} ({count_parameters(run.model):,} parameters), rule {cfg.rule}, "
-            f"{total} epochs of {len(run.data.train)} batches on {run.device}; data: "
+            f"{total} epochs of {len(run.data.train)} batches on {where}; data: "
             f"{run.data.source}; writing to {run.out}")
     if run.device.type == "cpu":
         note = cpu_time_note(cfg, len(run.data.train))
@@ -282,12 +320,14 @@ def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> list[d
         train = run.train_epoch(total)
         row = run.end_epoch(train)
         run.rows.append(row)
-        write_metrics(run.metrics_path, run.rows)
-        save_checkpoint(run.ckpt_path, run.state())
-        plot_curves(run.rows, run.out / "curves.png", title=title)
+        if main:
+            write_metrics(run.metrics_path, run.rows)
+            save_checkpoint(run.ckpt_path, run.state())
+            plot_curves(run.rows, run.out / "curves.png", title=title)
         log(f"epoch {row['epoch']}/{total}: train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.4f} | test loss {row['test_loss']:.4f} "
             f"acc {row['test_acc']:.4f} | {row['epoch_seconds']:.1f} s, "
             f"{row['images_per_s']:.0f} img/s")
         run.epoch += 1
+    run.dist.close()
     return run.rows
