@@ -16,6 +16,9 @@ from torch import nn
 
 from pcfast.models.resdualnet import ResDualNet
 from pcfast.pc import PCEngine, sequential_graph
+from pcfast.pc.backends import BackendUnavailable
+from pcfast.pc.backends import fast as fast_backend
+from pcfast.pc.backends.fast import FastBackend
 from pcfast.pc.fast import FastPCEngine
 from pcfast.pc.vjp_rules import has_rule
 
@@ -167,7 +170,7 @@ def test_strict_pc_is_a_clear_error_and_auto_uses_reference_on_cpu():
         FastPCEngine(graph, fpa=False)
     engine = PCEngine(graph, T=2, backend="auto")
     engine.compute_gradients(*_batch("mlp"))
-    assert engine._fast is None
+    assert engine.last_backend == "reference"
 
 
 def test_bf16_autocast_runs_close_to_float32():
@@ -197,11 +200,12 @@ def test_cuda_graph_path_matches_reference(schedule, kernels):
     ref = PCEngine(ref_model.pc_graph(), T=6, rate=0.5, schedule=schedule, error_clamp=1.0)
     fast = FastPCEngine(fast_model.pc_graph(), T=6, rate=0.5, schedule=schedule,
                         error_clamp=1.0, kernels=kernels, cuda_graph=True)
-    for _ in range(2):  # the second batch reuses the buffers and re-captures the graph
+    for i in range(2):  # the second batch replays the first batch's capture
         for p, q in zip(ref_model.parameters(), fast_model.parameters()):
             p.grad = q.grad = None
-        _assert_same(ref_model, fast_model, ref.compute_gradients(x, y),
-                     fast.compute_gradients(x, y), tol=1e-4)
+        _assert_same(ref_model, fast_model, ref.compute_gradients(x + i, y),
+                     fast.compute_gradients(x + i, y), tol=1e-4)
+    assert fast._fast.captures.builds == 1
 
 
 def test_bf16_autocast_on_resdualnet_stays_close_to_the_float32_reference():
@@ -222,31 +226,55 @@ def test_bf16_autocast_on_resdualnet_stays_close_to_the_float32_reference():
     assert 0 < rel < 0.03  # measured 0.0056: bf16 rounding, not a different computation
 
 
-def test_auto_falls_back_to_the_reference_when_the_fast_path_fails_on_its_first_batch(
-        monkeypatch):
-    """``auto`` (the CUDA default) keeps a run going on the reference path, with one warning,
-    BatchNorm statistics as if the failed attempt never ran, and the reference's gradients."""
+def _failing_relax(exc: Exception):
+    """A pc_relax that fails the way a broken kernel does, after the feedforward pass (which
+    moved the BatchNorm running stats) and after the first VJPs ran."""
+
+    def relax(*args, **kwargs):
+        raise exc
+
+    return relax
+
+
+def _small_bn_net() -> nn.Module:
     torch.manual_seed(0)
-    net = ResDualNet(num_classes=4, stem_channels=3, stages=((6, 1), (12, 2))).double()
+    return ResDualNet(num_classes=4, stem_channels=3, stages=((6, 1), (12, 2))).double()
+
+
+@pytest.mark.parametrize("failure", [
+    BackendUnavailable("simulated kernel failure"),
+    pytest.param("triton", id="triton-out-of-resources"),
+])
+def test_auto_falls_back_on_a_kernel_failure_and_keeps_the_users_grads(monkeypatch, failure):
+    """``auto`` keeps a run going on the reference path with one warning naming the cause; the
+    gradients the user had accumulated before the batch stay and receive the reference's
+    gradients; BatchNorm statistics are as if the failed attempt never ran."""
+    if failure == "triton":
+        from triton.runtime.errors import OutOfResources
+
+        failure, cause = OutOfResources(1 << 20, 1 << 16, "shared memory"), "OutOfResources"
+    else:
+        cause = "simulated kernel failure"
+    net = _small_bn_net()
     x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
     state = copy.deepcopy(net.state_dict())
+    before = [torch.full_like(p, 0.25) for p in net.parameters()]
+
+    for p, b in zip(net.parameters(), before):
+        p.grad = b.clone()
     PCEngine(net.pc_graph(), T=4, backend="reference").compute_gradients(x, y)
     want_grads = [p.grad.clone() for p in net.parameters()]
     want_state = copy.deepcopy(net.state_dict())
 
     net.load_state_dict(state)
-    for p in net.parameters():
-        p.grad = None
-
-    def broken(self, x, y):
-        self.graph.forward(x)  # moves BatchNorm running stats, then fails
-        raise RuntimeError("simulated kernel failure")
-
-    monkeypatch.setattr(FastPCEngine, "compute_gradients", broken)
-    engine = PCEngine(net.pc_graph(), T=4, backend="auto")
-    monkeypatch.setattr(engine, "_use_fast", lambda x: not engine._fast_failed)
-    with pytest.warns(RuntimeWarning, match="simulated kernel failure"):
+    for p, b in zip(net.parameters(), before):
+        p.grad = b.clone()
+    monkeypatch.setattr(FastBackend, "prefers", lambda self, x: True)  # auto picks fast on CPU
+    monkeypatch.setattr(fast_backend, "pc_relax", _failing_relax(failure))
+    engine = PCEngine(net.pc_graph(), T=4, backend="auto", backend_options={"kernels": "torch"})
+    with pytest.warns(RuntimeWarning, match=cause):
         engine.compute_gradients(x, y)
+    assert engine.last_backend == "reference"
     for p, g in zip(net.parameters(), want_grads):
         torch.testing.assert_close(p.grad, g)
     for k, v in net.state_dict().items():
@@ -254,13 +282,47 @@ def test_auto_falls_back_to_the_reference_when_the_fast_path_fails_on_its_first_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine.compute_gradients(x, y)  # no second warning: the reference path from now on
+    assert engine.last_backend == "reference"
+
+
+def test_auto_lets_programming_errors_propagate(monkeypatch):
+    monkeypatch.setattr(FastBackend, "prefers", lambda self, x: True)
+    monkeypatch.setattr(fast_backend, "pc_relax", _failing_relax(TypeError("a bug")))
+    engine = PCEngine(_MLP().double().pc_graph(), T=2, backend="auto")
+    with pytest.raises(TypeError, match="a bug"):
+        engine.compute_gradients(*_batch("mlp"))
+
+
+def test_auto_runs_the_fast_backend_where_preferred(monkeypatch):
+    monkeypatch.setattr(FastBackend, "prefers", lambda self, x: True)
+    model = _mlp()
+    x, y = _batch("mlp")
+    (rm, ref), (fm, _) = _pair(model, T=3)
+    engine = PCEngine(fm.pc_graph(), T=3, backend="auto", backend_options={"kernels": "torch"})
+    r_fast = engine.compute_gradients(x, y)
+    assert engine.last_backend == "fast"
+    _assert_same(rm, fm, ref.compute_gradients(x, y), r_fast)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fast"])
+@pytest.mark.parametrize("options, match", [
+    ({"kernel": "torch"}, r"unknown backend_options \['kernel'\]"),
+    ({"kernels": "cuda"}, "kernels must be one of"),
+    ({"cuda_graph": "yes"}, "booleans"),
+])
+def test_bad_backend_options_raise_at_construction(backend, options, match):
+    with pytest.raises(ValueError, match=match):
+        PCEngine(_mlp().pc_graph(), backend=backend, backend_options=options)
+
+
+def test_reference_backend_takes_no_options():
+    with pytest.raises(ValueError, match="takes none"):
+        PCEngine(_mlp().pc_graph(), backend="reference", backend_options={"kernels": "torch"})
 
 
 def test_explicit_fast_backend_raises_its_errors(monkeypatch):
-    def broken(self, x, y):
-        raise RuntimeError("simulated kernel failure")
-
-    monkeypatch.setattr(FastPCEngine, "compute_gradients", broken)
-    engine = PCEngine(_MLP().pc_graph(), T=2, backend="fast")
+    monkeypatch.setattr(fast_backend, "pc_relax",
+                        _failing_relax(BackendUnavailable("simulated kernel failure")))
+    engine = PCEngine(_MLP().double().pc_graph(), T=2, backend="fast")
     with pytest.raises(RuntimeError, match="simulated"):
         engine.compute_gradients(*_batch("mlp"))

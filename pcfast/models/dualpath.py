@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+# The op and its reference live in pcfast.ops; the reference is re-exported here for old imports.
+from pcfast.ops.dwconv import dual_path_dwconv, dual_path_dwconv_ref
 
 
 class DualPathDWConv(nn.Module):
@@ -33,18 +35,10 @@ class DualPathDWConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # the default init of nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Imported here, not at the top: pcfast.ops.dwconv imports the reference from this module.
-        from pcfast.ops.dwconv import dual_path_dwconv
-
         return dual_path_dwconv(x, self.weight, self.stride, backend="auto")
 
     def extra_repr(self) -> str:
         return f"{self.channels}, stride={self.stride}"
 
 
-def dual_path_dwconv_ref(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
-    """Reference dual-path depthwise conv: grouped conv to 2C channels, then pairwise sum."""
-    c = x.shape[1]
-    y = F.conv2d(x, weight, stride=stride, padding=1, groups=c)
-    n, _, h, w = y.shape
-    return y.view(n, c, 2, h, w).sum(2)
+__all__ = ["DualPathDWConv", "dual_path_dwconv_ref"]

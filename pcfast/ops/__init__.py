@@ -10,13 +10,31 @@ from pcfast.ops.bn_relu_vjp import bn_relu_vjp, bn_relu_vjp_ref, bn_saved_stats
 # Dual-path depthwise conv (C++/CUDA, pcfast._C).
 from pcfast.ops.dwconv import dual_path_dwconv, dual_path_dwconv_ref, summed_kernel
 
+# Fused PC relaxation of one node (the fast engine's per-node update).
+from pcfast.ops.pc_relax import pc_relax, pc_relax_ref
+
 # Fused PC state update over a flat buffer (Triton).
 from pcfast.ops.pc_update import pc_update, pc_update_ref
 
+
+def cuda_composites() -> dict:
+    """``{"pcfast::op": callable}`` for the registered ops that CUDA runs as several unfused
+    PyTorch ops (no fused CUDA/Triton kernel yet), each callable taking the op's arguments."""
+    import importlib
+
+    out: dict = {}
+    for name in ("pc_relax", "dw_bn_relu_vjp", "vjp_relax"):
+        out.update(importlib.import_module(f"pcfast.ops.{name}").CUDA_COMPOSITES)
+    return out
+
+
 __all__ = [
+    "cuda_composites",
     "bn_relu_vjp",
     "bn_relu_vjp_ref",
     "bn_saved_stats",
+    "pc_relax",
+    "pc_relax_ref",
     "pc_update",
     "pc_update_ref",
     "dual_path_dwconv",

@@ -26,13 +26,29 @@ backward: all three are bilinear, so each one's VJP is another of the three.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from pcfast.models.dualpath import dual_path_dwconv_ref
 from pcfast.ops import _ext
 
 BACKENDS = ("auto", "ref", "cpu", "cuda")
 
 __all__ = ["BACKENDS", "dual_path_dwconv", "dual_path_dwconv_ref", "summed_kernel"]
+
+
+def dual_path_dwconv_ref(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
+    """Reference dual-path depthwise conv: grouped conv to 2C channels, then pairwise sum.
+
+    Shapes: ``x (N, C, H, W)``, ``weight (2C, 1, 3, 3)`` -> ``(N, C, (H-1)//stride+1,
+    (W-1)//stride+1)``.
+
+    Example::
+
+        y = dual_path_dwconv_ref(torch.randn(2, 4, 8, 8), torch.randn(8, 1, 3, 3), 1)
+    """
+    c = x.shape[1]
+    y = F.conv2d(x, weight, stride=stride, padding=1, groups=c)
+    n, _, h, w = y.shape
+    return y.view(n, c, 2, h, w).sum(2)
 
 
 def summed_kernel(weight: torch.Tensor) -> torch.Tensor:
@@ -62,6 +78,8 @@ def _resolve_backend(x: torch.Tensor, backend: str) -> str:
     device = x.device.type
     if backend == "auto":
         if _ext.has_kernel("dwconv_fwd", device):
+            if device == "cuda":
+                _ext.check_cuda_device(x.device)
             return "compiled"
         _ext.warn_fallback("dwconv_fwd", device)
         return "ref"
@@ -70,6 +88,8 @@ def _resolve_backend(x: torch.Tensor, backend: str) -> str:
             f"dual_path_dwconv backend {backend!r} runs on {backend} tensors, got x on "
             f"{x.device}; move the tensors to {backend} or pass backend='auto'")
     _ext.require("dwconv_fwd", device)
+    if device == "cuda":
+        _ext.check_cuda_device(x.device)
     return "compiled"
 
 

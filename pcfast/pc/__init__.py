@@ -1,6 +1,8 @@
 """The predictive-coding engine: node graphs, energies, inference schedules, local updates."""
 
+from pcfast.pc.backends import BackendUnavailable, PCSettings
 from pcfast.pc.engine import SCHEDULES, PCEngine, PCResult
 from pcfast.pc.graph import Node, PCGraph, sequential_graph
 
-__all__ = ["SCHEDULES", "Node", "PCEngine", "PCGraph", "PCResult", "sequential_graph"]
+__all__ = ["SCHEDULES", "BackendUnavailable", "Node", "PCEngine", "PCGraph", "PCResult",
+           "PCSettings", "sequential_graph"]

@@ -1,19 +1,29 @@
-"""Explicit input-VJPs of PC nodes for the fast engine (``pcfast.pc.fast``).
+"""Explicit input-VJPs of PC nodes for the fast backend (``pcfast.pc.backends.fast``).
 
 Under FPA every inference step propagates errors down through fixed Jacobians, so each node's
-prediction is computed once per batch by :func:`node_forward`, which also returns a closure
-``vjp(e) -> tuple(J_p^T e for each parent p)`` over tensors saved from that pass. The closure is
-called every step and runs no autograd for known layers:
+prediction is computed once per batch by :func:`node_forward`, which also returns a
+:class:`Rule`: ``rule.vjp(e) -> [J_p^T e for each parent p]`` over tensors saved from that pass.
+A rule keeps every per-batch tensor it reads in ``rule.saved`` (ReLU masks, BatchNorm batch
+statistics, weights, ...), derived once per batch, so that a CUDA graph captured over one
+batch's rules can be replayed for the next batch after copying that batch's ``saved`` tensors
+into the captured ones (:meth:`Rule.load_from`).
 
-- ``nn.Sequential`` (and single modules) made of Linear, Conv2d, AvgPool2d, ReLU, Flatten,
-  Identity, ``DualPathDWConv`` and BatchNorm(train)+ReLU pairs (one fused ``bn_relu_vjp``) —
-  this covers Res-DualNet's stem and dw sub-layers, pw 1x1 convs and the AvgPool shortcut;
-- merges ``AddReLU`` / ``ConcatReLU`` (ReLU mask, then identity / channel split) and ``Head``
-  (global mean pool + linear).
+Known nodes (every node of the model zoo's ``pc_graph()``):
 
-Any other node falls back to autograd over its feedforward graph (``torch.autograd.grad`` with
-the graph retained: the same closure each step, no forward re-run, so BatchNorm running stats
-move once per batch as in the reference).
+- ``nn.Sequential`` chains (and single modules) of Linear, Conv2d, ``DualPathDWConv``,
+  BatchNorm1d/2d (training or eval), ReLU and other elementwise activations (Tanh, Sigmoid,
+  GELU, LeakyReLU, ELU, SELU, SiLU, Softplus), AvgPool2d, MaxPool2d, Flatten, Identity and the
+  option-A shortcut (subsample + zero channels); a training BatchNorm2d followed by ReLU is one
+  fused ``bn_relu_vjp``; with ``kernels="auto"`` a ``DualPathDWConv`` + training BatchNorm2d +
+  ReLU (Res-DualNet's depthwise sub-layer) is ONE ``dw_bn_relu_vjp`` whose relax variant also
+  applies the PC update of the node it feeds (:meth:`Rule.fused`); a 1x1 stride-1 conv is
+  one batched matmul (with ``kernels="auto"`` fused with the update as well), and the merges
+  relax the parents whose last contribution they send in the same op;
+- merges ``AddReLU`` / ``ConcatReLU`` and the classifier ``Head``.
+
+Any other node falls back to autograd over its feedforward graph (:class:`AutogradRule`; the
+same retained graph every step, so BatchNorm running stats move once per batch). Such a rule is
+not capturable: the fast backend then runs the steps eagerly instead of in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -21,16 +31,76 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from pcfast.models.cifar_resnet import ShortcutA
 from pcfast.models.dualpath import DualPathDWConv
 from pcfast.models.layers import AddReLU, ConcatReLU, Head
 from pcfast.ops.bn_relu_vjp import bn_relu_vjp, bn_saved_stats
+from pcfast.ops.dw_bn_relu_vjp import dw_bn_relu_vjp, dw_bn_relu_vjp_relax
+from pcfast.ops.vjp_relax import add_relu_vjp_relax, concat_relu_vjp_relax, conv1x1_vjp_relax
 
-Vjp = Callable[[torch.Tensor], tuple[torch.Tensor | None, ...]]
-UnaryVjp = Callable[[torch.Tensor], torch.Tensor]
 KERNELS = ("auto", "triton", "torch")
+ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.SiLU, nn.Softplus,
+               nn.ReLU6, nn.Hardtanh)
+
+
+class Rule:
+    """Input-VJP of one node over tensors saved from its feedforward pass.
+
+    ``saved`` holds every per-batch tensor the VJP reads; ``signature`` describes everything
+    else (types, shapes, strides, flags), so two rules with one signature differ only in
+    ``saved`` values. ``capturable`` is False for rules that run autograd.
+    """
+
+    capturable = True
+
+    def __init__(self, signature: tuple, saved: dict[str, torch.Tensor]) -> None:
+        self.signature = signature
+        self.saved = saved
+
+    def vjp(self, e: torch.Tensor) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+    def fused(self, e: torch.Tensor, finish: dict[int, tuple], rate: float,
+              clamp: float | None) -> list[torch.Tensor | None] | None:
+        """The VJP with the PC update of the parents whose last contribution it is, in one op.
+
+        ``finish`` maps input index -> ``(e_dest, others, out)``: write
+        ``out = lerp(e_dest, clamp(J_i^T e + sum(others)), rate)``. Returns the contributions
+        for the other inputs (None at the finished ones), or None when this rule has no fused
+        form for this case (the caller then runs :meth:`vjp` and ``pc_relax``).
+        """
+        return None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The per-batch tensors, in a fixed order."""
+        return [self.saved[k] for k in sorted(self.saved)]
+
+    def load_from(self, other: Rule) -> None:
+        """Copy ``other``'s per-batch tensors into this rule's (same signature)."""
+        if other.signature != self.signature:
+            raise ValueError("rules of different signatures")
+        mine, theirs = self.tensors(), other.tensors()
+        if mine:
+            torch._foreach_copy_(mine, theirs)
+
+
+# ------------------------------------------------------------------------------ unary steps
+class _Step:
+    """One module of a chain: ``fn(g, saved) -> g_in``; optionally ``relax(g, saved, e, other,
+    rate, clamp, out)``, the same VJP with the PC update of the node it feeds as epilogue."""
+
+    def __init__(self, sig: tuple, saved: dict[str, torch.Tensor],
+                 fn: Callable[[torch.Tensor, dict], torch.Tensor],
+                 relax: Callable[..., None] | None = None) -> None:
+        self.sig, self.saved, self.fn, self.relax = sig, saved, fn, relax
+
+
+def _shape_sig(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.stride(), t.dtype, t.device.type)
 
 
 def _dwconv_input_vjp(g: torch.Tensor, weight: torch.Tensor, stride: int,
@@ -47,161 +117,324 @@ def _dwconv_input_vjp(g: torch.Tensor, weight: torch.Tensor, stride: int,
     return torch.nn.grad.conv2d_input(in_shape, summed, g, stride=stride, padding=1, groups=c)
 
 
-def _bn_uses_batch_stats(bn: nn.Module) -> bool:
-    return isinstance(bn, nn.BatchNorm2d) and (bn.training or bn.running_mean is None)
+def _bn_train(bn: nn.Module) -> bool:
+    return bn.training or bn.running_mean is None
 
 
-def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tensor, UnaryVjp]:
-    """Forward one known module; return its output and input-VJP closure."""
+def _bn_backward(g: torch.Tensor, s: dict, train: bool, eps: float) -> torch.Tensor:
+    z = s["z"]
+    weight = s.get("weight")
+    if train:
+        gz, _, _ = torch.ops.aten.native_batch_norm_backward(
+            g.to(z.dtype), z, weight, None, None, s["mean"], s["invstd"], True, eps,
+            [True, False, False])
+        return gz
+    return g.to(z.dtype) * s["scale"]
+
+
+def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tensor, _Step]:
+    """Forward one known module; return its output and its VJP step."""
     y = module(x)
     xd, yd = x.detach(), y.detach()
+    name = type(module).__name__
     if isinstance(module, nn.Linear):
-        w = module.weight.detach()
-        return y, lambda g: g.to(w.dtype) @ w
+        return y, _Step((name,), {"w": module.weight.detach()}, lambda g, s: g.to(s["w"].dtype) @ s["w"])
     if isinstance(module, nn.ReLU):
-        return y, lambda g: torch.where(yd > 0, g, 0.0)
+        return y, _Step((name, _shape_sig(yd)), {"dead": yd <= 0},
+                        lambda g, s: g.masked_fill(s["dead"], 0.0))
+    if isinstance(module, ACTIVATIONS):
+        # Elementwise: the derivative is taken once per batch, each step is one multiply.
+        with torch.enable_grad():
+            xx = xd.requires_grad_(True) if not xd.requires_grad else xd
+            (deriv,) = torch.autograd.grad(module(xx), xx, torch.ones_like(yd))
+        return y, _Step((name, _shape_sig(yd)), {"deriv": deriv.detach()},
+                        lambda g, s: g * s["deriv"])
     if isinstance(module, (nn.Identity, nn.Flatten)):
-        return y, lambda g: g.reshape(xd.shape)
+        shape = xd.shape
+        return y, _Step((name, tuple(shape)), {}, lambda g, s: g.reshape(shape))
     if isinstance(module, DualPathDWConv):
-        w = module.weight.detach()
-        return y, lambda g: _dwconv_input_vjp(g, w, module.stride, xd.shape, kernels)
+        stride, shape = module.stride, xd.shape
+        return y, _Step((name, stride, tuple(shape), kernels), {"w": module.weight.detach()},
+                        lambda g, s: _dwconv_input_vjp(g, s["w"], stride, shape, kernels))
+    if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding == (0, 0) and module.groups == 1):
+        # A 1x1 conv is a matmul over channels: J^T g = W^T @ g per pixel (one bmm).
+        n, cin, h, w = xd.shape
+        wt = module.weight.detach().reshape(module.out_channels, cin).t().contiguous()
+        relax = None
+        if kernels == "auto":
+            def relax(g, s, e_dest, other, rate, clamp, out) -> None:
+                conv1x1_vjp_relax(g.to(s["wt"].dtype), s["wt"], e_dest, other, rate, clamp, out)
+
+        return y, _Step((name, "1x1", tuple(xd.shape), kernels), {"wt": wt},
+                        lambda g, s: torch.matmul(s["wt"], g.to(s["wt"].dtype).reshape(
+                            n, -1, h * w)).view(n, cin, h, w), relax)
     if isinstance(module, nn.Conv2d):
-        w = module.weight.detach()
-        return y, lambda g: torch.nn.grad.conv2d_input(
-            xd.shape, w, g.to(w.dtype), stride=module.stride, padding=module.padding,
-            dilation=module.dilation, groups=module.groups)
+        shape = xd.shape
+        args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                    groups=module.groups)
+        return y, _Step((name, tuple(shape), tuple(args.items())), {"w": module.weight.detach()},
+                        lambda g, s: torch.nn.grad.conv2d_input(shape, s["w"], g.to(s["w"].dtype),
+                                                                **args))
     if isinstance(module, nn.AvgPool2d):
         args = (_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
                 _pair(module.padding), module.ceil_mode, module.count_include_pad,
                 module.divisor_override)
-        return y, lambda g: torch.ops.aten.avg_pool2d_backward(g.to(xd.dtype), xd, *args)
-    raise TypeError(f"no input-VJP rule for {type(module).__name__}")
+        return y, _Step((name, args, _shape_sig(xd)), {"x": xd},
+                        lambda g, s: torch.ops.aten.avg_pool2d_backward(
+                            g.to(s["x"].dtype), s["x"], *args))
+    if isinstance(module, nn.MaxPool2d):
+        k = _pair(module.kernel_size)
+        args = (k, _pair(module.stride or module.kernel_size), _pair(module.padding),
+                _pair(module.dilation), module.ceil_mode)
+        _, idx = F.max_pool2d(xd, *args, return_indices=True)
+        return y, _Step((name, args, _shape_sig(xd)), {"x": xd, "idx": idx},
+                        lambda g, s: torch.ops.aten.max_pool2d_with_indices_backward(
+                            g.to(s["x"].dtype), s["x"], *args, s["idx"]))
+    if isinstance(module, ShortcutA):
+        cin, st, shape = xd.shape[1], module.stride, xd.shape
+
+        def shortcut_a(g: torch.Tensor, s: dict) -> torch.Tensor:
+            # Adjoint of "subsample by st, then append zero channels": keep the first cin
+            # channels and scatter them back to every st-th pixel (zeros elsewhere).
+            g = g[:, :cin]
+            g = torch.ops.aten.slice_backward(g, [shape[0], cin, g.shape[2], shape[3]], 3, 0,
+                                              shape[3], st)
+            return torch.ops.aten.slice_backward(g, list(shape), 2, 0, shape[2], st)
+
+        return y, _Step((name, cin, st, tuple(shape)), {}, shortcut_a)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        train = _bn_train(module)
+        s = {"z": xd}
+        if module.weight is not None:
+            s["weight"] = module.weight.detach()
+        if train:
+            dims = [0] + list(range(2, xd.dim()))
+            zc = xd.float() if xd.dtype in (torch.float16, torch.bfloat16) else xd
+            var, mean = torch.var_mean(zc, dim=dims, unbiased=False)
+            s["mean"], s["invstd"] = mean, torch.rsqrt(var + module.eps)
+        else:
+            scale = torch.rsqrt(module.running_var.detach() + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight.detach()
+            s["scale"] = scale.view(1, -1, *([1] * (xd.dim() - 2))).to(xd.dtype)
+        eps = module.eps
+        return y, _Step((name, train, _shape_sig(xd), module.weight is not None), s,
+                        lambda g, s: _bn_backward(g, s, train, eps))
+    raise TypeError(f"no input-VJP rule for {name}")
 
 
 def _known_unary(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
-    if isinstance(module, nn.ReLU):
-        return not module.inplace
-    return isinstance(module, (nn.Linear, nn.Identity, nn.Flatten, DualPathDWConv, nn.AvgPool2d))
+    if isinstance(module, (nn.ReLU, *ACTIVATIONS)):
+        return not getattr(module, "inplace", False)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return True
+    return isinstance(module, (nn.Linear, nn.Identity, nn.Flatten, DualPathDWConv, nn.AvgPool2d,
+                               nn.MaxPool2d, ShortcutA))
 
 
-def _chain_plan(mods: Sequence[nn.Module]) -> list[tuple[str, tuple[nn.Module, ...]]] | None:
-    """Group a module chain into ``("bn_relu", (bn, relu))`` and ``("unary", (m,))`` steps."""
-    plan, i = [], 0
-    while i < len(mods):
-        m = mods[i]
-        nxt = mods[i + 1] if i + 1 < len(mods) else None
-        if _bn_uses_batch_stats(m) and isinstance(nxt, nn.ReLU) and not nxt.inplace:
-            plan.append(("bn_relu", (m, nxt)))
-            i += 2
-        elif _known_unary(m):
-            plan.append(("unary", (m,)))
-            i += 1
-        else:
-            return None
-    return plan
-
-
-def _run_chain(plan, x: torch.Tensor, kernels: str) -> tuple[torch.Tensor, UnaryVjp]:
-    vjps: list[UnaryVjp] = []
-    for kind, mods in plan:
-        if kind == "bn_relu":
-            bn, relu = mods
-            z = x
-            x = relu(bn(z))
-            zd, outd = z.detach(), x.detach()
-            mean, invstd = bn_saved_stats(zd, bn.eps)
-            gamma = bn.weight.detach() if bn.weight is not None else None
-            vjps.append(lambda g, zd=zd, outd=outd, gamma=gamma, mean=mean, invstd=invstd:
-                        bn_relu_vjp(g.to(zd.dtype), zd, outd, gamma, mean, invstd,
-                                    backend=kernels))
-        else:
-            x, v = _unary(mods[0], x, kernels)
-            vjps.append(v)
-
-    def vjp(g: torch.Tensor) -> torch.Tensor:
-        for v in reversed(vjps):
-            g = v(g)
-        return g
-
-    return x, vjp
+def _fuse_bn_relu(m: nn.Module, nxt: nn.Module | None) -> bool:
+    return (isinstance(m, nn.BatchNorm2d) and _bn_train(m) and isinstance(nxt, nn.ReLU)
+            and not nxt.inplace)
 
 
 def _chain_modules(fn: object) -> list[nn.Module] | None:
     if isinstance(fn, nn.Sequential):
-        return list(fn)
-    if isinstance(fn, nn.Module) and (_known_unary(fn) or _bn_uses_batch_stats(fn)):
-        return [fn]
-    return None
+        mods = list(fn)
+    elif isinstance(fn, nn.Module):
+        mods = [fn]
+    else:
+        return None
+    return mods if mods and all(_known_unary(m) for m in mods) else None
+
+
+class ChainRule(Rule):
+    """A chain of unary steps, applied in reverse."""
+
+    def __init__(self, steps: list[_Step]) -> None:
+        saved = {f"{i}.{k}": v for i, st in enumerate(steps) for k, v in st.saved.items()}
+        super().__init__(("chain", *(st.sig for st in steps)), saved)
+        self.steps = steps
+
+    def vjp(self, e: torch.Tensor) -> list[torch.Tensor | None]:
+        g = e
+        for i in range(len(self.steps) - 1, -1, -1):
+            st = self.steps[i]
+            g = st.fn(g, st.saved)
+        return [g]
+
+    def fused(self, e, finish, rate, clamp):
+        st = self.steps[0]
+        if len(self.steps) != 1 or st.relax is None or set(finish) != {0}:
+            return None
+        e_dest, others, out = finish[0]
+        if len(others) > 1 or any(o.shape != e_dest.shape for o in others):
+            return None
+        st.relax(e, st.saved, e_dest, others[0] if others else None, rate, clamp, out)
+        return [None]
+
+
+def _dw_bn_relu_step(conv: DualPathDWConv, bn: nn.BatchNorm2d, relu: nn.ReLU,
+                     x: torch.Tensor) -> tuple[torch.Tensor, _Step]:
+    """``ReLU(BN_train(dwconv(x)))`` as ONE VJP step (:func:`~pcfast.ops.dw_bn_relu_vjp`), with
+    the ReLU mask and the batch statistics derived once here."""
+    z = conv(x)
+    out = relu(bn(z))
+    zd = z.detach()
+    mean, invstd = bn_saved_stats(zd, bn.eps)
+    s = {"z": zd, "dead": out.detach() <= 0, "mean": mean, "invstd": invstd,
+         "w": conv.weight.detach()}
+    if bn.weight is not None:
+        s["gamma"] = bn.weight.detach()
+    stride, in_h, in_w = conv.stride, x.shape[2], x.shape[3]
+
+    def fn(g: torch.Tensor, s: dict) -> torch.Tensor:
+        return dw_bn_relu_vjp(g.to(s["z"].dtype), s["z"], s["dead"], s.get("gamma"), s["mean"],
+                              s["invstd"], s["w"].to(s["z"].dtype), stride, in_h, in_w)
+
+    def relax(g, s, e_dest, other, rate, clamp, out) -> None:
+        dw_bn_relu_vjp_relax(g.to(s["z"].dtype), s["z"], s["dead"], s.get("gamma"), s["mean"],
+                             s["invstd"], s["w"].to(s["z"].dtype), stride, e_dest, other, rate,
+                             clamp, out)
+
+    return out, _Step(("dw_bn_relu", stride, tuple(x.shape), _shape_sig(zd),
+                       bn.weight is not None), s, fn, relax)
+
+
+def _bn_relu_step(bn: nn.BatchNorm2d, relu: nn.ReLU, z: torch.Tensor,
+                  kernels: str) -> tuple[torch.Tensor, _Step]:
+    out = relu(bn(z))
+    zd, outd = z.detach(), out.detach()
+    mean, invstd = bn_saved_stats(zd, bn.eps)
+    s = {"z": zd, "out": outd, "mean": mean, "invstd": invstd}
+    if bn.weight is not None:
+        s["gamma"] = bn.weight.detach()
+    backend = kernels
+
+    def fn(g: torch.Tensor, s: dict) -> torch.Tensor:
+        return bn_relu_vjp(g.to(s["z"].dtype), s["z"], s["out"], s.get("gamma"), s["mean"],
+                           s["invstd"], backend=backend)
+
+    return out, _Step(("bn_relu", _shape_sig(zd), bn.weight is not None, kernels), s, fn)
+
+
+def _run_chain(mods: Sequence[nn.Module], x: torch.Tensor, kernels: str) -> tuple[torch.Tensor, Rule]:
+    steps: list[_Step] = []
+    i = 0
+    while i < len(mods):
+        m, nxt = mods[i], (mods[i + 1] if i + 1 < len(mods) else None)
+        if (kernels == "auto" and isinstance(m, DualPathDWConv) and i + 2 < len(mods)
+                and _fuse_bn_relu(nxt, mods[i + 2])):
+            x, st = _dw_bn_relu_step(m, nxt, mods[i + 2], x)
+            i += 3
+        elif _fuse_bn_relu(m, nxt):
+            x, st = _bn_relu_step(m, nxt, x, kernels)
+            i += 2
+        else:
+            x, st = _unary(m, x, kernels)
+            i += 1
+        steps.append(st)
+    return x, ChainRule(steps)
+
+
+class MergeRule(Rule):
+    """``ReLU(a + b)`` (both parents get the masked error) or ``ReLU(cat(a, b))`` (split)."""
+
+    def __init__(self, out: torch.Tensor, split: int | None, fuse: bool = False) -> None:
+        super().__init__(("merge", split, _shape_sig(out), fuse), {"dead": out <= 0})
+        self.split, self.fuse = split, fuse
+
+    def vjp(self, e: torch.Tensor) -> list[torch.Tensor | None]:
+        g = e.masked_fill(self.saved["dead"], 0.0)
+        if self.split is None:
+            return [g, g]
+        return [g[:, :self.split], g[:, self.split:]]
+
+    def fused(self, e, finish, rate, clamp):
+        if not self.fuse or any(others for _, others, _ in finish.values()):
+            return None
+        if self.split is None and set(finish) == {0}:
+            e_a, _, out_a = finish[0]
+            g = add_relu_vjp_relax(e, self.saved["dead"], e_a, rate, clamp, out_a)
+            return [None, g]
+        if self.split is not None and set(finish) == {0, 1}:
+            (e_a, _, out_a), (e_b, _, out_b) = finish[0], finish[1]
+            concat_relu_vjp_relax(e, self.saved["dead"], e_a, e_b, rate, clamp, out_a, out_b)
+            return [None, None]
+        return None
+
+
+class HeadRule(Rule):
+    """Global mean pool + linear: ``J^T e = (e @ W / HW)`` broadcast over the pixels."""
+
+    def __init__(self, head: Head, x: torch.Tensor) -> None:
+        hw = x.shape[2] * x.shape[3]
+        w = head.fc.weight.detach()
+        super().__init__(("head", _shape_sig(x)), {"w": w / hw})
+        self.shape = x.shape
+
+    def vjp(self, e: torch.Tensor) -> list[torch.Tensor | None]:
+        w = self.saved["w"]
+        return [(e.to(w.dtype) @ w)[:, :, None, None].expand(self.shape)]
+
+
+class AutogradRule(Rule):
+    """Autograd over the node's retained feedforward graph (any node; not capturable)."""
+
+    capturable = False
+
+    def __init__(self, mu: torch.Tensor, inputs: Sequence[torch.Tensor],
+                 needs_grad: Sequence[bool]) -> None:
+        super().__init__(("autograd", id(mu)), {})
+        self.mu, self.inputs, self.needs = mu, list(inputs), list(needs_grad)
+
+    def vjp(self, e: torch.Tensor) -> list[torch.Tensor | None]:
+        wanted = [x for x, n in zip(self.inputs, self.needs) if n]
+        grads = iter(torch.autograd.grad(self.mu, wanted, e.to(self.mu.dtype), retain_graph=True,
+                                         allow_unused=True))
+        out: list[torch.Tensor | None] = []
+        for x, n in zip(self.inputs, self.needs):
+            gr = next(grads) if n else None
+            out.append(torch.zeros_like(x) if n and gr is None else gr)
+        return out
 
 
 def has_rule(fn: object) -> bool:
     """Whether ``fn`` gets an explicit VJP (else the autograd fallback)."""
-    if isinstance(fn, (AddReLU, ConcatReLU, Head)):
-        return True
-    mods = _chain_modules(fn)
-    return mods is not None and _chain_plan(mods) is not None
+    return isinstance(fn, (AddReLU, ConcatReLU, Head)) or _chain_modules(fn) is not None
 
 
 def node_forward(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
-                 needs_grad: Sequence[bool], kernels: str = "auto") -> tuple[torch.Tensor, Vjp]:
-    """Compute ``mu = fn(*inputs)`` (with autograd, for the weight gradients) and its input-VJP.
+                 needs_grad: Sequence[bool], kernels: str = "auto") -> tuple[torch.Tensor, Rule]:
+    """Compute ``mu = fn(*inputs)`` (with autograd, for the weight gradients) and its VJP rule.
 
     Args:
         fn: the node's callable.
         inputs: its parents' values; those with ``needs_grad`` are leaves requiring grad.
         needs_grad: which inputs receive errors (hidden parents).
-        kernels: ``"auto"``, ``"triton"`` or ``"torch"`` for the fused ops in the closures.
+        kernels: ``"auto"``, ``"triton"`` or ``"torch"`` for the fused ops in the rules.
 
     Returns:
-        ``(mu, vjp)`` with ``vjp(e)`` a tuple of ``J^T e`` per input (``None`` where not needed).
+        ``(mu, rule)`` with ``rule.vjp(e)`` a list of ``J^T e`` per input.
 
     Example::
 
-        mu, vjp = node_forward(net.blocks[0].dw1, [x_leaf], [True])
-        (dx,) = vjp(torch.randn_like(mu))
+        mu, rule = node_forward(net.blocks[0].dw1, [x_leaf], [True])
+        (dx,) = rule.vjp(torch.randn_like(mu))
     """
-    if isinstance(fn, (AddReLU, ConcatReLU)):
-        a, b = inputs
-        mu = fn(a, b)
-        out = mu.detach()
-        split = a.shape[1]
-
-        def merge_vjp(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            g = torch.where(out > 0, e, 0.0)
-            if isinstance(fn, ConcatReLU):
-                return g[:, :split], g[:, split:]
-            return g, g
-
-        return mu, merge_vjp
-    if isinstance(fn, Head):
-        (x,) = inputs
-        mu = fn(x)
-        w = fn.fc.weight.detach()
-        shape, hw = x.shape, x.shape[2] * x.shape[3]
-        return mu, lambda e: ((e.to(w.dtype) @ w / hw)[:, :, None, None].expand(shape),)
+    if isinstance(fn, (AddReLU, ConcatReLU)) and len(inputs) == 2:
+        mu = fn(*inputs)
+        split = inputs[0].shape[1] if isinstance(fn, ConcatReLU) else None
+        return mu, MergeRule(mu.detach(), split, fuse=kernels == "auto")
+    if isinstance(fn, Head) and len(inputs) == 1:
+        return fn(inputs[0]), HeadRule(fn, inputs[0].detach())
     mods = _chain_modules(fn)
-    plan = _chain_plan(mods) if mods is not None else None
-    if plan is not None and len(inputs) == 1:
-        mu, vjp1 = _run_chain(plan, inputs[0], kernels)
-        return mu, lambda e: (vjp1(e),)
-    return _autograd_forward(fn, inputs, needs_grad)
-
-
-def _autograd_forward(fn, inputs, needs_grad) -> tuple[torch.Tensor, Vjp]:
+    if mods is not None and len(inputs) == 1:
+        return _run_chain(mods, inputs[0], kernels)
     mu = fn(*inputs)
-    wanted = [x for x, n in zip(inputs, needs_grad) if n]
-
-    def vjp(e: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grads = iter(torch.autograd.grad(mu, wanted, e, retain_graph=True, allow_unused=True))
-        out = []
-        for x, n in zip(inputs, needs_grad):
-            gr = next(grads) if n else None
-            out.append(torch.zeros_like(x) if n and gr is None else gr)
-        return tuple(out)
-
-    return mu, vjp
+    return mu, AutogradRule(mu, inputs, needs_grad)
 
 
-__all__ = ["KERNELS", "has_rule", "node_forward"]
+__all__ = ["ACTIVATIONS", "KERNELS", "AutogradRule", "Rule", "has_rule", "node_forward"]

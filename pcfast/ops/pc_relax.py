@@ -1,0 +1,90 @@
+"""Fused PC relaxation of one node: sum the propagated errors, clamp, lerp, write elsewhere.
+
+``pc_relax(e, backs, rate, clamp, out)`` writes ``out = e + rate * (clamp(sum(backs)) - e)``
+(``out = clamp(sum(backs))`` for ``rate == 1``), where ``backs`` are the input-VJPs ``J_vu^T e_v``
+that the node's children send it (broadcastable to ``e``; any dtype, summed in ``e``'s dtype).
+The fast PC backend calls it once per hidden node and step, as the last writer of the node:
+no zero-filled accumulation buffer, no separate ``add_`` per contribution, no flat re-read, and
+with ``out`` the other half of a double buffer the jacobi schedule needs no copy.
+
+Registered as ``pcfast::pc_relax`` (one dispatched op; mutates ``out``). On CPU it runs the C++
+kernel ``pcfast::pc_relax_cpu`` (``pcfast._C``) for contiguous tensors of one dtype, else the
+PyTorch reference; on CUDA the PyTorch reference (no fused kernel yet).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pcfast.ops import _ext
+
+__all__ = ["pc_relax", "pc_relax_ref"]
+
+
+def pc_relax_ref(e: torch.Tensor, backs: list[torch.Tensor], rate: float,
+                 clamp: float | None, out: torch.Tensor) -> None:
+    """PyTorch reference of :func:`pc_relax` (same arguments; writes ``out``).
+
+    Example::
+
+        e, out = torch.zeros(4, 8), torch.empty(4, 8)
+        pc_relax_ref(e, [torch.randn(4, 8)], 0.5, None, out)   # out == 0.5 * back
+    """
+    b = backs[0].to(e.dtype)
+    for other in backs[1:]:
+        b = b + other.to(e.dtype)
+    if clamp is not None:
+        b = b.clamp(-clamp, clamp)
+    with torch.no_grad():
+        if rate == 1.0:
+            out.copy_(b.expand_as(e))
+        else:
+            torch.lerp(e, b.expand_as(e), rate, out=out)
+
+
+@torch.library.custom_op("pcfast::pc_relax", mutates_args=("out",))
+def _pc_relax_op(e: torch.Tensor, backs: list[torch.Tensor], rate: float,
+                 clamp: float | None, out: torch.Tensor) -> None:
+    if (e.device.type == "cpu" and len(backs) <= 4 and e.is_contiguous() and out.is_contiguous()
+            and all(b.shape == e.shape and b.dtype == e.dtype and b.is_contiguous()
+                    for b in backs)
+            and _ext.has_kernel("pc_relax_cpu", "cpu")):
+        torch.ops.pcfast.pc_relax_cpu(e, backs, rate, clamp, out)  # C++: one pass
+        return
+    pc_relax_ref(e, backs, rate, clamp, out)
+
+
+@_pc_relax_op.register_fake
+def _pc_relax_fake(e, backs, rate, clamp, out) -> None:
+    return None
+
+
+# What CUDA runs for each op until it has a fused kernel there: bench/cost.py counts these
+# unfused ops, not one op, for a GPU's step.
+CUDA_COMPOSITES = {"pcfast::pc_relax": pc_relax_ref}
+
+
+def pc_relax(e: torch.Tensor, backs: list[torch.Tensor], rate: float, clamp: float | None,
+             out: torch.Tensor) -> None:
+    """Relax one node: ``out = lerp(e, clamp(sum(backs)), rate)``.
+
+    Args:
+        e: ``(...)`` the node's current error.
+        backs: one or more propagated errors, each broadcastable to ``e``'s shape.
+        rate: inference rate ``gamma > 0``.
+        clamp: if set, the summed ``backs`` are clamped to ``[-clamp, clamp]`` first.
+        out: tensor of ``e``'s shape and dtype that receives the new error (may not alias
+            any of ``backs``).
+
+    Example::
+
+        pc_relax(err[t % 2][name], [vjp_a, vjp_b], 0.5, None, err[(t + 1) % 2][name])
+    """
+    if not backs:
+        raise ValueError("pc_relax needs at least one propagated error")
+    if out.shape != e.shape or out.dtype != e.dtype:
+        raise ValueError(f"pc_relax: out is {tuple(out.shape)} {out.dtype}, e is "
+                         f"{tuple(e.shape)} {e.dtype}; pass a tensor like e")
+    if not rate > 0:
+        raise ValueError(f"pc_relax: rate must be positive, got {rate}")
+    _pc_relax_op(e, list(backs), float(rate), None if clamp is None else float(clamp), out)

@@ -1,0 +1,164 @@
+"""Input-VJPs of PC nodes with the PC update of the node they feed as epilogue.
+
+The fast PC backend calls these when a node's VJP is the last contribution to a parent: the
+parent's new error ``out = lerp(e_dest, clamp(J^T e + other), rate)`` is written by the same op,
+so the contribution is never stored and re-read by a separate update.
+
+- ``add_relu_vjp_relax(e, dead, e_a, rate, clamp, out_a) -> g``: merge ``ReLU(a + b)``:
+  ``g = e * [out > 0]``; parent ``a`` relaxed (``out_a``); ``g`` returned for parent ``b``.
+- ``concat_relu_vjp_relax(e, dead, e_a, e_b, rate, clamp, out_a, out_b)``: merge
+  ``ReLU(cat(a, b))``: both parents relaxed.
+- ``conv1x1_vjp_relax(g, wt, e, other, rate, clamp, out)``: 1x1 stride-1 conv, ``J^T g =
+  wt @ g`` per pixel (``wt``: ``(C_in, C_out)``).
+
+CPU: C++ kernels of ``pcfast._C`` (one pass for the merges; matmul + one epilogue pass for the
+1x1 conv) when built, else the PyTorch reference (``*_ref``, the unfused ops); CUDA: the
+reference composition (one registered op, several kernels inside; no fused CUDA/Triton kernel
+yet).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pcfast.ops import _ext
+from pcfast.ops.pc_relax import pc_relax_ref
+
+__all__ = ["add_relu_vjp_relax", "add_relu_vjp_relax_ref", "concat_relu_vjp_relax",
+           "concat_relu_vjp_relax_ref", "conv1x1_vjp_relax", "conv1x1_vjp_relax_ref"]
+
+
+def _cpp(name: str, *tensors: torch.Tensor | None) -> bool:
+    t = tensors[0]
+    return (t.device.type == "cpu" and _ext.has_kernel(name, "cpu")
+            and all(x is None or (x.is_contiguous() and x.dtype in (t.dtype, torch.bool))
+                    for x in tensors))
+
+
+# ----------------------------------------------------------------------------- references
+def add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a) -> torch.Tensor:
+    """Reference: ``g = e.masked_fill(dead, 0)``; ``pc_relax(e_a, [g]) -> out_a``; returns g."""
+    g = e.masked_fill(dead, 0.0)
+    pc_relax_ref(e_a, [g], rate, clamp, out_a)
+    return g
+
+
+def concat_relu_vjp_relax_ref(e, dead, e_a, e_b, rate, clamp, out_a, out_b) -> None:
+    """Reference: mask, split along channels, relax both parents."""
+    g = e.masked_fill(dead, 0.0)
+    split = e_a.shape[1]
+    pc_relax_ref(e_a, [g[:, :split]], rate, clamp, out_a)
+    pc_relax_ref(e_b, [g[:, split:]], rate, clamp, out_b)
+
+
+def conv1x1_vjp_relax_ref(g, wt, e, other, rate, clamp, out) -> None:
+    """Reference: ``gx = wt @ g`` per pixel, then ``pc_relax(e, [gx, other]) -> out``."""
+    n, _, h, w = g.shape
+    gx = torch.matmul(wt, g.reshape(n, g.shape[1], h * w)).view(e.shape)
+    pc_relax_ref(e, [gx] if other is None else [gx, other], rate, clamp, out)
+
+
+# ------------------------------------------------------------------------- registered ops
+@torch.library.custom_op("pcfast::add_relu_vjp_relax", mutates_args=("out_a",))
+def _add_op(e: torch.Tensor, dead: torch.Tensor, e_a: torch.Tensor, rate: float,
+            clamp: float | None, out_a: torch.Tensor) -> torch.Tensor:
+    if _cpp("add_relu_vjp_relax_cpu", e, dead, e_a, out_a):
+        return torch.ops.pcfast.add_relu_vjp_relax_cpu(e, dead, e_a, rate, clamp, out_a)
+    return add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a)
+
+
+@_add_op.register_fake
+def _add_fake(e, dead, e_a, rate, clamp, out_a) -> torch.Tensor:
+    return torch.empty_like(e)
+
+
+@torch.library.custom_op("pcfast::concat_relu_vjp_relax", mutates_args=("out_a", "out_b"))
+def _concat_op(e: torch.Tensor, dead: torch.Tensor, e_a: torch.Tensor, e_b: torch.Tensor,
+               rate: float, clamp: float | None, out_a: torch.Tensor,
+               out_b: torch.Tensor) -> None:
+    if _cpp("concat_relu_vjp_relax_cpu", e, dead, e_a, e_b, out_a, out_b):
+        torch.ops.pcfast.concat_relu_vjp_relax_cpu(e, dead, e_a, e_b, rate, clamp, out_a, out_b)
+        return
+    concat_relu_vjp_relax_ref(e, dead, e_a, e_b, rate, clamp, out_a, out_b)
+
+
+@_concat_op.register_fake
+def _concat_fake(e, dead, e_a, e_b, rate, clamp, out_a, out_b) -> None:
+    return None
+
+
+@torch.library.custom_op("pcfast::conv1x1_vjp_relax", mutates_args=("out",))
+def _conv1x1_op(g: torch.Tensor, wt: torch.Tensor, e: torch.Tensor, other: torch.Tensor | None,
+                rate: float, clamp: float | None, out: torch.Tensor) -> None:
+    if _cpp("conv1x1_vjp_relax_cpu", g, wt, e, other, out):
+        torch.ops.pcfast.conv1x1_vjp_relax_cpu(g, wt, e, other, rate, clamp, out)
+        return
+    conv1x1_vjp_relax_ref(g, wt, e, other, rate, clamp, out)
+
+
+@_conv1x1_op.register_fake
+def _conv1x1_fake(g, wt, e, other, rate, clamp, out) -> None:
+    return None
+
+
+# What CUDA runs for each op until it has a fused kernel there: bench/cost.py counts these
+# unfused ops, not one op, for a GPU's step.
+CUDA_COMPOSITES = {"pcfast::add_relu_vjp_relax": add_relu_vjp_relax_ref,
+                   "pcfast::concat_relu_vjp_relax": concat_relu_vjp_relax_ref,
+                   "pcfast::conv1x1_vjp_relax": conv1x1_vjp_relax_ref}
+
+
+# ------------------------------------------------------------------------------ public API
+def _check_like(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    if t.shape != like.shape or t.dtype != like.dtype:
+        raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype}, expected "
+                         f"{tuple(like.shape)} {like.dtype}")
+
+
+def add_relu_vjp_relax(e: torch.Tensor, dead: torch.Tensor, e_a: torch.Tensor, rate: float,
+                       clamp: float | None, out_a: torch.Tensor) -> torch.Tensor:
+    """Merge ``ReLU(a + b)``: relax parent ``a`` into ``out_a``, return ``g`` for parent ``b``.
+
+    Shapes: all ``(N, C, H, W)``; ``dead`` bool (``merge_out <= 0``).
+
+    Example::
+
+        g = add_relu_vjp_relax(e_merge, dead, e_dw2, 0.5, None, e_dw2_next)
+    """
+    _check_like("e_a", e_a, e)
+    _check_like("out_a", out_a, e)
+    return _add_op(e, dead, e_a, float(rate), None if clamp is None else float(clamp), out_a)
+
+
+def concat_relu_vjp_relax(e: torch.Tensor, dead: torch.Tensor, e_a: torch.Tensor,
+                          e_b: torch.Tensor, rate: float, clamp: float | None,
+                          out_a: torch.Tensor, out_b: torch.Tensor) -> None:
+    """Merge ``ReLU(cat(a, b))``: relax both parents (``e_a`` ``(N, Ca, H, W)``, ``e_b``
+    ``(N, Cb, H, W)``, ``e`` ``(N, Ca + Cb, H, W)``).
+
+    Example::
+
+        concat_relu_vjp_relax(e_merge, dead, e_dw2, e_short, 0.5, None, dw2_next, short_next)
+    """
+    if e_a.shape[1] + e_b.shape[1] != e.shape[1]:
+        raise ValueError("concat_relu_vjp_relax: e_a and e_b channels must add up to e's")
+    _check_like("out_a", out_a, e_a)
+    _check_like("out_b", out_b, e_b)
+    _concat_op(e, dead, e_a, e_b, float(rate), None if clamp is None else float(clamp), out_a,
+               out_b)
+
+
+def conv1x1_vjp_relax(g: torch.Tensor, wt: torch.Tensor, e: torch.Tensor,
+                      other: torch.Tensor | None, rate: float, clamp: float | None,
+                      out: torch.Tensor) -> None:
+    """1x1 stride-1 conv input-VJP ``wt @ g`` with the relax epilogue into ``out``.
+
+    Shapes: ``g`` ``(N, C_out, H, W)``, ``wt`` ``(C_in, C_out)``, ``e``/``out``/``other``
+    ``(N, C_in, H, W)``.
+
+    Example::
+
+        conv1x1_vjp_relax(e_pw, w.view(c, c).t().contiguous(), e_dw1, None, 0.5, None, nxt)
+    """
+    _check_like("out", out, e)
+    _conv1x1_op(g, wt, e, other, float(rate), None if clamp is None else float(clamp), out)

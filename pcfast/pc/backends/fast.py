@@ -1,0 +1,317 @@
+"""The fast PC backend (``PCEngine(..., backend="fast")``): FPA inference on explicit VJP rules,
+fused ops and CUDA graphs.
+
+Same math as the reference backend, organised for speed:
+
+- one feedforward pass per batch computes every prediction (with autograd, for the weight
+  gradients at the end) and, per node, an explicit input-VJP :class:`~pcfast.pc.vjp_rules.Rule`
+  over tensors saved once per batch (ReLU masks, BatchNorm statistics);
+- hidden errors live in two flat buffers (per-node views): a jacobi step reads one and writes
+  the other; every VJP result goes straight to the node it feeds, and the last writer of a node
+  applies its update: fused into its own VJP op where the rule has a fused form
+  (:meth:`~pcfast.pc.vjp_rules.Rule.fused`: the dw+BN+ReLU sub-layer, 1x1 convs, the merges,
+  with ``kernels="auto"``), else one :func:`~pcfast.ops.pc_relax.pc_relax` (sum of the
+  contributions, clamp, lerp, written into the other buffer): no zero fill, no ``add_``, no
+  flat re-read, no energy reduction unless a trace is recorded. Res-DualNet: 38 ops per jacobi
+  step (``bench/cost.py``);
+- the sequential schedule is the same sweep with each node's VJP reading its freshly updated
+  error;
+- on CUDA the whole relaxation is captured once per key (shapes, dtype, T, rate, ...) in a CUDA
+  graph and replayed for later batches over static buffers (:mod:`.capture`); graphs with
+  autograd-fallback nodes run eagerly (autograd cannot be captured);
+- optional bfloat16 autocast of the feedforward pass (errors stay in float32).
+
+Weight gradients are the reference's own autograd pass over the relaxed errors, so weight
+updates equal the reference backend's step for step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+
+from pcfast.ops.pc_relax import pc_relax
+from pcfast.pc.backends.base import (
+    BackendUnavailable,
+    PCBackend,
+    PCResult,
+    PCSettings,
+    accumulate,
+    check_batch,
+    make_result,
+    weight_grads,
+)
+from pcfast.pc.backends.capture import CaptureCache, CudaGraphRelaxation
+from pcfast.pc.energy import output_energy, output_error
+from pcfast.pc.graph import PCGraph
+from pcfast.pc.vjp_rules import KERNELS, Rule, node_forward
+
+OPTIONS = ("kernels", "cuda_graph", "autocast")
+
+
+def _triton_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "this Triton kernel cannot be compiled or launched here"."""
+    types: list[type[BaseException]] = []
+    try:
+        from triton.compiler.errors import CompilationError
+
+        types.append(CompilationError)
+    except ImportError:
+        pass
+    try:
+        from triton.runtime.errors import OutOfResources
+
+        types.append(OutOfResources)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+class FastBackend(PCBackend):
+    """FPA predictive coding on explicit VJP rules, double-buffered errors and CUDA graphs.
+
+    Args:
+        graph: the node graph.
+        kernels: ``"auto"`` (registered ops: compiled/Triton on CUDA, C++/PyTorch on CPU),
+            ``"triton"`` (Triton kernels; on CPU through the Triton interpreter, for tests on
+            tiny shapes) or ``"torch"`` (the PyTorch forms of the fused ops).
+        cuda_graph: capture the relaxation in a CUDA graph on CUDA tensors (ignored on CPU, when
+            ``record_energy`` asks for a per-step trace, and for graphs with autograd-fallback
+            nodes).
+        autocast: run the feedforward pass under bfloat16 autocast.
+
+    Example::
+
+        backend = FastBackend(net.pc_graph(), kernels="torch")
+        result = backend.compute_gradients(x, y, PCSettings(T=20))
+    """
+
+    name = "fast"
+
+    def __init__(self, graph: PCGraph, kernels: str = "auto", cuda_graph: bool = True,
+                 autocast: bool = False) -> None:
+        super().__init__(graph)
+        if kernels not in KERNELS:
+            raise ValueError(f"backend_options: kernels must be one of {KERNELS}, got {kernels!r}")
+        if not isinstance(cuda_graph, bool) or not isinstance(autocast, bool):
+            raise ValueError(f"backend_options: cuda_graph and autocast are booleans, got "
+                             f"{cuda_graph!r} and {autocast!r}")
+        self.kernels = kernels
+        self.cuda_graph = cuda_graph
+        self.autocast = autocast
+        self.captures = CaptureCache()
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_options(cls, graph: PCGraph, options: dict | None) -> FastBackend:
+        """Build from ``backend_options``; unknown or ill-typed options raise a ValueError."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown backend_options {unknown} for the fast PC backend; "
+                             f"valid options: {list(OPTIONS)}")
+        return cls(graph, **options)
+
+    # ------------------------------------------------------------------------ selection
+    def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
+        if not settings.fpa:
+            return False, "the fast backend runs FPA only (fpa=False is strict PC)"
+        if not x.is_floating_point():
+            return False, f"the fast backend needs a floating-point input, got {x.dtype}"
+        needs_triton = self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
+        if needs_triton and importlib.util.find_spec("triton") is None:
+            return False, "Triton is not installed (pip install 'pcfast[kernels]')"
+        return True, ""
+
+    def prefers(self, x: torch.Tensor) -> bool:
+        return x.is_cuda
+
+    # -------------------------------------------------------------------------- a batch
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor,
+                          settings: PCSettings) -> PCResult:
+        ok, why = self.can_use(x, settings)
+        if not ok:
+            raise ValueError(why) if not settings.fpa else BackendUnavailable(why)
+        check_batch(self.graph, x, y)
+        try:
+            return self._run(x, y, settings)
+        except _triton_error_types() as exc:
+            raise BackendUnavailable(f"a Triton kernel failed ({type(exc).__name__}: {exc})") \
+                from exc
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
+        g = self.graph
+        mus, rules = self._feedforward(x)
+        logits = mus[g.output].detach().float() if self.autocast else mus[g.output].detach()
+        e_out = output_error(logits, y, s.output_loss)
+        base_energy = output_energy(logits, y, s.output_loss)
+        shapes = [mus[n].shape for n in g.hidden]
+        dtype = self._error_dtype([mus[n] for n in g.hidden])
+        trace = [base_energy] if s.record_energy else []
+        if self.graphable(x.device, s, rules):
+            final = self._run_graphed(rules, e_out.to(dtype), shapes, dtype, x, s)
+        else:
+            bufs = self._flat_buffers(shapes, dtype, x.device)
+            final = self._relax(rules, e_out.to(dtype), bufs, shapes, s, trace, base_energy)
+        kept = final.clone()  # the buffers are reused by the next batch
+        errors = self._views(kept, shapes)
+        errors[g.output] = e_out
+        params, grads = weight_grads(g, [mus[n.name] for n in g.nodes],
+                                     [errors[n.name].to(mus[n.name].dtype) for n in g.nodes])
+        accumulate(params, grads, x.shape[0], sign=-1.0)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        flat = kept.to(acc)
+        energy = 0.5 * torch.dot(flat, flat) + base_energy
+        return make_result(logits, y, base_energy, energy, errors, trace)
+
+    def graphable(self, device: torch.device, s: PCSettings, rules: dict[str, Rule]) -> bool:
+        """Whether the relaxation runs from a CUDA graph: CUDA tensors, ``cuda_graph=True``, no
+        per-step energy trace, and no autograd-fallback node (autograd cannot be captured: such
+        graphs run their steps eagerly)."""
+        return (self.cuda_graph and device.type == "cuda" and not s.record_energy and s.T > 0
+                and all(r.capturable for r in rules.values()))
+
+    # ------------------------------------------------------------------------------ setup
+    def _feedforward(self, x: torch.Tensor) -> tuple[dict, dict[str, Rule]]:
+        g = self.graph
+        ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast
+               else contextlib.nullcontext())
+        leaves: dict[str, torch.Tensor] = {g.input_name: x}
+        mus: dict[str, torch.Tensor] = {}
+        rules: dict[str, Rule] = {}
+        with torch.enable_grad(), ctx:
+            for node in g.nodes:
+                inputs = [leaves[p] for p in node.parents]
+                needs = [p != g.input_name for p in node.parents]
+                if any(needs):
+                    mu, rules[node.name] = node_forward(node.fn, inputs, needs, self.kernels)
+                else:
+                    mu = node.fn(*inputs)
+                mus[node.name] = mu
+                if node.name != g.output:
+                    leaves[node.name] = mu.detach().requires_grad_(True)
+        return mus, rules
+
+    def _error_dtype(self, hidden_mus: list[torch.Tensor]) -> torch.dtype:
+        dtypes = {m.dtype for m in hidden_mus}
+        return dtypes.pop() if len(dtypes) == 1 and not self.autocast else torch.float32
+
+    def _flat_buffers(self, shapes, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        total = sum(sh.numel() for sh in shapes)
+        key = (total, dtype, device)
+        if key not in self._buffers:
+            # One entry: a new batch shape replaces the buffers instead of accumulating them.
+            self._buffers = {key: (torch.empty(total, dtype=dtype, device=device),
+                                   torch.empty(total, dtype=dtype, device=device))}
+        return self._buffers[key]
+
+    def _views(self, flat: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
+        views, offset = {}, 0
+        for name, shape in zip(self.graph.hidden, shapes):
+            n = shape.numel()
+            views[name] = flat[offset:offset + n].view(shape)
+            offset += n
+        return views
+
+    # ------------------------------------------------------------------------ relaxation
+    def _plan(self, rules: dict[str, Rule]) -> list[tuple[str, list[tuple[int, str]], list[str]]]:
+        """Per sender, in reverse topological order: ``(sender, [(input index, hidden parent)],
+        [hidden parents whose last contribution this sender sends])``."""
+        g = self.graph
+        hidden = set(g.hidden)
+        remaining = {u: sum(p == u for n in g.nodes if n.name in rules for p in n.parents)
+                     for u in g.hidden}
+        plan = []
+        for node in reversed(g.nodes):
+            if node.name not in rules:
+                continue
+            targets = [(i, p) for i, p in enumerate(node.parents) if p in hidden]
+            done = []
+            for _, p in targets:
+                remaining[p] -= 1
+                if remaining[p] == 0:
+                    done.append(p)
+            plan.append((node.name, targets, done))
+        return plan
+
+    def _step_fn(self, rules, e_out, cur: dict, nxt: dict, s: PCSettings):
+        """One step: every sender's VJP, each hidden node relaxed by its last writer."""
+        plan = self._plan(rules)
+        out_name = self.graph.output
+        read = nxt if s.schedule == "sequential" else cur
+        rate, clamp = s.rate, s.error_clamp
+        # Fused forms need one input per parent (a node fed twice by one parent sums its VJPs).
+        distinct = {name: len({p for _, p in targets}) == len(targets)
+                    for name, targets, _ in plan}
+
+        def step() -> None:
+            pending: dict[str, list[torch.Tensor]] = {}
+            for name, targets, done in plan:
+                e = e_out if name == out_name else read[name]
+                rule = rules[name]
+                if done and distinct[name]:
+                    # The last writer of the parents in `done`: VJP and their updates in one op
+                    # where the rule has a fused form.
+                    finish = {i: (cur[p], pending.get(p, []), nxt[p])
+                              for i, p in targets if p in done}
+                    res = rule.fused(e, finish, rate, clamp)
+                    if res is not None:
+                        for i, p in targets:
+                            if i in finish:
+                                pending.pop(p, None)
+                            else:
+                                pending.setdefault(p, []).append(res[i])
+                        continue
+                grads = rule.vjp(e)
+                for i, p in targets:
+                    pending.setdefault(p, []).append(grads[i])
+                for p in done:
+                    pc_relax(cur[p], pending.pop(p), rate, clamp, nxt[p])
+
+        return step
+
+    def _relax(self, rules, e_out, bufs, shapes, s: PCSettings, trace: list,
+               base_energy) -> torch.Tensor:
+        """Run ``T`` steps over the double buffer; return the flat buffer with the result."""
+        a, b = bufs
+        a.zero_()  # x = mu after the feedforward pass: every hidden error starts at zero
+        views = (self._views(a, shapes), self._views(b, shapes))
+        steps = (self._step_fn(rules, e_out, views[0], views[1], s),
+                 self._step_fn(rules, e_out, views[1], views[0], s))
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        for t in range(s.T):
+            steps[t % 2]()
+            if s.record_energy:
+                trace.append(0.5 * bufs[(t + 1) % 2].to(acc).pow(2).sum() + base_energy)
+        return bufs[s.T % 2]
+
+    def _run_graphed(self, rules, e_out, shapes, dtype, x, s: PCSettings) -> torch.Tensor:
+        key = (tuple((n, r.signature) for n, r in rules.items()), tuple(e_out.shape), dtype,
+               x.device, s.T, s.rate, s.schedule, s.error_clamp, self.kernels, self.autocast)
+
+        def build():
+            # This batch's rules and buffers become the static ones the graph reads.
+            total = sum(sh.numel() for sh in shapes)
+            bufs = (torch.empty(total, dtype=dtype, device=x.device),
+                    torch.empty(total, dtype=dtype, device=x.device))
+            static_out = e_out.clone()
+
+            def run() -> None:
+                self._relax(rules, static_out, bufs, shapes, s, [], None)
+
+            try:
+                graph = CudaGraphRelaxation(run, x.device)
+            except RuntimeError as exc:
+                raise BackendUnavailable(f"CUDA graph capture failed ({exc})") from exc
+            return {"graph": graph, "rules": rules, "e_out": static_out,
+                    "final": bufs[s.T % 2]}
+
+        entry, fresh = self.captures.get(key, build)
+        if not fresh:
+            for name, rule in entry["rules"].items():
+                rule.load_from(rules[name])
+            entry["e_out"].copy_(e_out)
+            entry["graph"].replay()
+        return entry["final"]

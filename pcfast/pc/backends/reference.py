@@ -1,0 +1,187 @@
+"""The reference PC backend: plain PyTorch autograd over a node graph (the oracle of the tests).
+
+Energy ``F = sum_v 1/2 ||x_v - mu_v||^2 + L(mu_out, y)`` (summed over the batch). Per batch:
+
+1. feedforward: ``x_v = mu_v`` for every hidden node; BatchNorm statistics, and its running
+   statistics, come from this pass only;
+2. ``T`` inference steps ``x_u <- x_u - rate * (e_u - sum_v J_vu^T e_v)``;
+3. weight gradients ``dF/dtheta_v = -(d mu_v / d theta_v)^T e_v`` (each layer from its own input
+   and its own error), divided by the batch size so that they are on the scale of a mean loss.
+
+Under the fixed prediction assumption (FPA) the predictions and Jacobians stay at their
+feedforward values: every inference step is ONE backward-data pass through a retained autograd
+graph. Strict PC recomputes the predictions from the current values every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pcfast.pc.backends.base import (
+    PCBackend,
+    PCResult,
+    PCSettings,
+    accumulate,
+    check_batch,
+    hidden_energy,
+    make_result,
+    weight_grads,
+)
+from pcfast.pc.energy import frozen_running_stats, output_energy, output_error
+
+
+def relax(e: torch.Tensor, back: torch.Tensor, s: PCSettings) -> torch.Tensor:
+    """``e <- e - rate * (e - clamp(back))``: the value update seen through ``e = x - mu``."""
+    back = clamp(back, s)
+    return torch.lerp(e, back, s.rate) if s.rate != 1.0 else back
+
+
+def clamp(back: torch.Tensor, s: PCSettings) -> torch.Tensor:
+    """The optional clamp of the propagated errors ``sum_v J_vu^T e_v``."""
+    if s.error_clamp is None:
+        return back
+    return back.clamp(-s.error_clamp, s.error_clamp)
+
+
+class ReferenceBackend(PCBackend):
+    """FPA and strict PC on autograd; runs anything on any device.
+
+    Example::
+
+        backend = ReferenceBackend(net.pc_graph())
+        result = backend.compute_gradients(x, y, PCSettings(T=20))
+    """
+
+    name = "reference"
+
+    def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
+        return True, ""
+
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor,
+                          settings: PCSettings) -> PCResult:
+        check_batch(self.graph, x, y)
+        if settings.fpa:
+            return self._run_fpa(x, y, settings)
+        return self._run_strict(x, y, settings)
+
+    # ------------------------------------------------------------------------------ FPA
+    def _feedforward_graph(self, x: torch.Tensor):
+        """Feedforward with every hidden value as a detached leaf: ``mu_v = f_v(leaves)``."""
+        g = self.graph
+        leaves: dict[str, torch.Tensor] = {g.input_name: x}
+        mus: dict[str, torch.Tensor] = {}
+        for node in g.nodes:
+            mu = node.fn(*(leaves[p] for p in node.parents))
+            mus[node.name] = mu
+            if node.name != g.output:
+                leaves[node.name] = mu.detach().requires_grad_(True)
+        return leaves, mus
+
+    def _run_fpa(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
+        g = self.graph
+        with torch.enable_grad():
+            leaves, mus = self._feedforward_graph(x)
+            logits = mus[g.output].detach()
+            e_out = output_error(logits, y, s.output_loss)
+            base_energy = output_energy(logits, y, s.output_loss)
+            errors = {name: torch.zeros_like(mus[name]) for name in g.hidden}
+            errors[g.output] = e_out
+            trace = [base_energy] if s.record_energy else []
+            # Nodes whose predictions depend on hidden values: they carry errors downwards.
+            senders = [n.name for n in g.nodes if any(p != g.input_name for p in n.parents)]
+            hidden_leaves = [leaves[name] for name in g.hidden]
+            for _ in range(s.T):
+                if s.schedule == "jacobi":
+                    back = torch.autograd.grad([mus[v] for v in senders], hidden_leaves,
+                                               [errors[v] for v in senders], retain_graph=True)
+                    for name, b in zip(g.hidden, back):
+                        errors[name] = relax(errors[name], b, s)
+                else:
+                    for name in reversed(g.hidden):
+                        kids = g.children[name]
+                        (b,) = torch.autograd.grad([mus[k.name] for k in kids], leaves[name],
+                                                   [errors[k.name] for k in kids],
+                                                   retain_graph=True)
+                        errors[name] = relax(errors[name], b, s)
+                if s.record_energy:
+                    trace.append(hidden_energy(g, errors) + base_energy)
+            params, grads = weight_grads(g, [mus[n.name] for n in g.nodes],
+                                         [errors[n.name] for n in g.nodes])
+        accumulate(params, grads, x.shape[0], sign=-1.0)
+        energy = hidden_energy(g, errors) + base_energy
+        return make_result(logits, y, base_energy, energy, errors, trace)
+
+    # --------------------------------------------------------------------------- strict
+    def _predict(self, values: dict[str, torch.Tensor], names=None) -> dict[str, torch.Tensor]:
+        g = self.graph
+        return {n.name: n.fn(*(values[p] for p in n.parents))
+                for n in g.nodes if names is None or n.name in names}
+
+    def _strict_energy(self, values, mus, y, s: PCSettings) -> torch.Tensor:
+        g = self.graph
+        hidden = sum(0.5 * (values[n] - mus[n]).pow(2).sum() for n in g.hidden if n in mus)
+        out = output_energy(mus[g.output], y, s.output_loss) if g.output in mus else 0.0
+        return hidden + out
+
+    def _run_strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
+        g = self.graph
+        with torch.no_grad():
+            ff = {g.input_name: x}
+            for n in g.nodes:  # the one feedforward pass that moves BatchNorm running stats
+                ff[n.name] = n.fn(*(ff[p] for p in n.parents))
+        logits = ff[g.output]
+        values = {name: ff[name].clone() for name in g.hidden}
+        values[g.input_name] = x
+        trace = []
+        with torch.enable_grad(), frozen_running_stats(g.modules):
+            if s.record_energy:
+                with torch.no_grad():
+                    trace.append(self._strict_energy(values, self._predict(values), y, s))
+            for _ in range(s.T):
+                if s.schedule == "jacobi":
+                    self._strict_jacobi_step(values, y, s)
+                else:
+                    self._strict_sequential_sweep(values, y, s)
+                if s.record_energy:
+                    with torch.no_grad():
+                        trace.append(self._strict_energy(values, self._predict(values), y, s))
+            mus = self._predict(values)
+            energy = self._strict_energy(values, mus, y, s)
+            params = g.parameters()
+            grads = torch.autograd.grad(energy, params, allow_unused=True)
+        accumulate(params, grads, x.shape[0])
+        with torch.no_grad():
+            errors = {name: values[name] - mus[name] for name in g.hidden}
+            errors[g.output] = output_error(mus[g.output], y, s.output_loss)
+        ff_loss = output_energy(logits, y, s.output_loss)
+        return make_result(logits, y, ff_loss, energy.detach(), errors, trace)
+
+    @staticmethod
+    def _strict_update(value: torch.Tensor, e: torch.Tensor, grad: torch.Tensor,
+                       s: PCSettings) -> torch.Tensor:
+        back = e - grad  # dF/dx_u = e_u - sum_v J_vu^T e_v
+        return value - s.rate * (e - clamp(back, s))
+
+    def _strict_jacobi_step(self, values, y, s: PCSettings) -> None:
+        g = self.graph
+        leaves = {k: (v if k == g.input_name else v.detach().requires_grad_(True))
+                  for k, v in values.items()}
+        mus = self._predict(leaves)
+        energy = self._strict_energy(leaves, mus, y, s)
+        grads = torch.autograd.grad(energy, [leaves[n] for n in g.hidden])
+        for name, grad in zip(g.hidden, grads):
+            e = (values[name] - mus[name]).detach()
+            values[name] = self._strict_update(values[name], e, grad, s).detach()
+
+    def _strict_sequential_sweep(self, values, y, s: PCSettings) -> None:
+        g = self.graph
+        for name in reversed(g.hidden):
+            leaf = values[name].detach().requires_grad_(True)
+            local = dict(values)
+            local[name] = leaf
+            kids = {k.name for k in g.children[name]}
+            mus = self._predict(local, kids | {name})
+            energy = self._strict_energy(local, mus, y, s)
+            (grad,) = torch.autograd.grad(energy, leaf)
+            e = (values[name] - mus[name]).detach()
+            values[name] = self._strict_update(values[name], e, grad, s).detach()

@@ -1,0 +1,223 @@
+"""The fast PC backend's fused ops against their references: ``pc_relax`` (sum, clamp, lerp,
+write elsewhere) and ``dw_bn_relu_vjp`` / ``dw_bn_relu_vjp_relax`` (ReLU mask + training
+BatchNorm VJP + dual-path depthwise input-VJP, optionally with the PC update as epilogue).
+
+On CPU the registered ops run the C++ kernels of ``pcfast._C`` when it is built and current (the
+PyTorch composition otherwise); both are checked against the autograd oracle. Tolerance: the
+oracle in float64; a float32 result may be off by at most twice the error of the oracle run in
+float32, plus a few float32 ulps of the output scale.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _assert import assert_within
+
+from pcfast.ops import _ext
+from pcfast.ops.bn_relu_vjp import bn_saved_stats
+from pcfast.ops.dw_bn_relu_vjp import (
+    dw_bn_relu_vjp,
+    dw_bn_relu_vjp_ref,
+    dw_bn_relu_vjp_relax,
+    dw_bn_relu_vjp_relax_ref,
+)
+from pcfast.ops.dwconv import dual_path_dwconv_ref
+from pcfast.ops.pc_relax import pc_relax, pc_relax_ref
+
+EPS = 1e-5
+
+
+def _close(got, want, lowp, what):
+    got, want, lowp = got.double(), want.double(), lowp.double()
+    scale = want.abs().max().clamp_min(1e-6)
+    tol = 2 * (lowp - want).abs() + 8 * torch.finfo(torch.float32).eps * scale
+    assert_within(got, want, tol, what)
+
+
+# ------------------------------------------------------------------------------- pc_relax
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n_backs", [1, 2, 3])
+@pytest.mark.parametrize("rate, clamp", [(0.3, None), (0.5, 0.4), (0.8, None), (1.0, 0.2)])
+def test_pc_relax_matches_reference(dtype, n_backs, rate, clamp):
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(3, 5, 7, 9, generator=g, dtype=torch.float64).to(dtype)
+    backs = [torch.randn(3, 5, 7, 9, generator=g, dtype=torch.float64).to(dtype)
+             for _ in range(n_backs)]
+    got, want = torch.empty_like(e), torch.empty_like(e)
+    pc_relax(e, backs, rate, clamp, got)
+    pc_relax_ref(e, backs, rate, clamp, want)
+    tol = 4 * torch.finfo(dtype).eps  # torch.lerp may fuse its multiply-add (one rounding less)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # the math itself, in float64
+    b = sum(x.double() for x in backs)
+    if clamp is not None:
+        b = b.clamp(-clamp, clamp)
+    expect = e.double() + rate * (b - e.double())
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_pc_relax_broadcast_and_strided_backs_use_the_reference_form():
+    e = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    full = torch.randn(4, 12, 3, 3, dtype=torch.float64)
+    backs = [full[:, :6], torch.randn(4, 6, dtype=torch.float64)[:, :, None, None].expand(4, 6, 3, 3)]
+    got = torch.empty_like(e)
+    pc_relax(e, backs, 0.5, None, got)
+    torch.testing.assert_close(got, torch.lerp(e, backs[0] + backs[1], 0.5))
+
+
+def test_pc_relax_opcheck_and_errors():
+    e, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    torch.library.opcheck(torch.ops.pcfast.pc_relax.default, (e, [b, b], 0.5, 1.0, torch.empty_like(e)))
+    torch.library.opcheck(torch.ops.pcfast.pc_relax.default, (e, [b], 1.0, None, torch.empty_like(e)))
+    with pytest.raises(ValueError, match="at least one"):
+        pc_relax(e, [], 0.5, None, torch.empty_like(e))
+    with pytest.raises(ValueError, match="pass a tensor like e"):
+        pc_relax(e, [b], 0.5, None, torch.empty(3))
+
+
+# ------------------------------------------------------------------------- dw_bn_relu_vjp
+def _case(shape, stride, dtype, affine=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    wt = torch.randn(2 * c, 1, 3, 3, generator=gen, dtype=torch.float64) * 0.5
+    gamma = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5 if affine else None
+    beta = torch.randn(c, generator=gen, dtype=torch.float64) * 0.3 if affine else None
+    z = dual_path_dwconv_ref(x, wt, stride)
+    out = torch.relu(F.batch_norm(z, None, None, gamma, beta, training=True, eps=EPS))
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+    return {k: cast(v) for k, v in dict(x=x, w=wt, gamma=gamma, beta=beta, z=z, out=out,
+                                          g=g).items()}
+
+
+SHAPES = [(2, 3, 7, 9), (3, 1, 5, 5), (2, 5, 8, 6), (1, 4, 3, 5), (4, 2, 9, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("affine", [True, False])
+def test_dw_bn_relu_vjp_matches_autograd(dtype, shape, stride, affine):
+    t = _case(shape, stride, dtype, affine)
+    mean, invstd = bn_saved_stats(t["z"], EPS)
+    dead = t["out"] <= 0
+    got = dw_bn_relu_vjp(t["g"], t["z"], dead, t["gamma"], mean, invstd, t["w"], stride,
+                         shape[2], shape[3])
+    d = {k: (v.double() if v is not None else None) for k, v in t.items()}
+    want = dw_bn_relu_vjp_ref(d["g"], None, None, d["gamma"], d["beta"], d["w"], d["x"], stride)
+    lowp = dw_bn_relu_vjp_ref(t["g"], None, None, t["gamma"], t["beta"], t["w"], t["x"], stride)
+    assert got.dtype == dtype and got.shape == shape
+    _close(got, want, lowp, f"dx {dtype} {shape} s{stride}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("with_other", [False, True])
+@pytest.mark.parametrize("rate, clamp", [(0.5, None), (0.3, 0.05), (1.0, None)])
+def test_dw_bn_relu_vjp_relax_matches_the_unfused_ops(dtype, stride, with_other, rate, clamp):
+    shape = (2, 3, 7, 9)
+    t = _case(shape, stride, dtype)
+    mean, invstd = bn_saved_stats(t["z"], EPS)
+    dead = t["out"] <= 0
+    gen = torch.Generator().manual_seed(5)
+    e = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) * 0.1
+    other = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) * 0.1 \
+        if with_other else None
+    got, want = torch.empty_like(e), torch.empty_like(e)
+    args = (t["g"], t["z"], dead, t["gamma"], mean, invstd, t["w"], stride, e, other, rate, clamp)
+    dw_bn_relu_vjp_relax(*args, got)
+    dw_bn_relu_vjp_relax_ref(*args, want)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_dw_bn_relu_ops_opcheck():
+    t = _case((2, 3, 6, 5), 2, torch.float32)
+    mean, invstd = bn_saved_stats(t["z"], EPS)
+    dead = t["out"] <= 0
+    torch.library.opcheck(torch.ops.pcfast.dw_bn_relu_vjp.default,
+                          (t["g"], t["z"], dead, t["gamma"], mean, invstd, t["w"], 2, 6, 5))
+    e = torch.randn(2, 3, 6, 5)
+    torch.library.opcheck(torch.ops.pcfast.dw_bn_relu_vjp_relax.default,
+                          (t["g"], t["z"], dead, None, mean, invstd, t["w"], 2, e, e.clone(), 0.5,
+                           None, torch.empty_like(e)))
+
+
+def test_dw_bn_relu_vjp_clear_errors():
+    t = _case((2, 3, 6, 5), 1, torch.float32)
+    mean, invstd = bn_saved_stats(t["z"], EPS)
+    with pytest.raises(ValueError, match="bool tensor"):
+        dw_bn_relu_vjp(t["g"], t["z"], t["out"], None, mean, invstd, t["w"], 1, 6, 5)
+    with pytest.raises(ValueError, match=r"\(2C, 1, 3, 3\)"):
+        dw_bn_relu_vjp(t["g"], t["z"], t["out"] <= 0, None, mean, invstd, t["w"][:4], 1, 6, 5)
+    with pytest.raises(ValueError, match="stride 1 or 2"):
+        dw_bn_relu_vjp(t["g"], t["z"], t["out"] <= 0, None, mean, invstd, t["w"], 3, 6, 5)
+
+
+def test_cpp_kernels_are_the_ones_tested_when_built():
+    """Where ``pcfast._C`` is built and current the registered ops above ran its C++ kernels."""
+    if _ext.unavailable_reason() is not None:
+        pytest.skip(f"pcfast._C not usable: {_ext.unavailable_reason()}")
+    assert _ext.has_kernel("dw_bn_relu_vjp_cpu", "cpu") and _ext.has_kernel("pc_relax_cpu", "cpu")
+
+
+# ------------------------------------------------------------ merges and 1x1 conv with relax
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rate, clamp", [(0.5, None), (0.3, 0.1), (1.0, None)])
+def test_merge_and_conv1x1_relax_ops_match_their_references(dtype, rate, clamp):
+    from pcfast.ops.vjp_relax import (
+        add_relu_vjp_relax,
+        add_relu_vjp_relax_ref,
+        concat_relu_vjp_relax,
+        concat_relu_vjp_relax_ref,
+        conv1x1_vjp_relax,
+        conv1x1_vjp_relax_ref,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    e, dead = r(3, 5, 4, 7), r(3, 5, 4, 7) > 0
+    e_a = r(3, 5, 4, 7)
+    got_a, want_a = torch.empty_like(e_a), torch.empty_like(e_a)
+    g_got = add_relu_vjp_relax(e, dead, e_a, rate, clamp, got_a)
+    g_want = add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, want_a)
+    tol = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
+    torch.testing.assert_close(got_a, want_a, rtol=tol, atol=tol)
+
+    ea, eb = r(3, 2, 4, 7), r(3, 3, 4, 7)
+    outs = [torch.empty_like(t) for t in (ea, eb, ea, eb)]
+    concat_relu_vjp_relax(e, dead, ea, eb, rate, clamp, outs[0], outs[1])
+    concat_relu_vjp_relax_ref(e, dead, ea, eb, rate, clamp, outs[2], outs[3])
+    torch.testing.assert_close(outs[0], outs[2], rtol=tol, atol=tol)
+    torch.testing.assert_close(outs[1], outs[3], rtol=tol, atol=tol)
+
+    g, wt, e_in, other = r(3, 5, 4, 7), r(6, 5), r(3, 6, 4, 7), r(3, 6, 4, 7)
+    for oth in (None, other):
+        got, want = torch.empty_like(e_in), torch.empty_like(e_in)
+        conv1x1_vjp_relax(g, wt, e_in, oth, rate, clamp, got)
+        conv1x1_vjp_relax_ref(g, wt, e_in, oth, rate, clamp, want)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # against autograd of a 1x1 conv
+    x = r(3, 6, 4, 7).requires_grad_(True)
+    w4 = wt.t().reshape(5, 6, 1, 1)
+    (gx,) = torch.autograd.grad(F.conv2d(x, w4), x, g)
+    got = torch.empty_like(e_in)
+    conv1x1_vjp_relax(g, wt, torch.zeros_like(e_in), None, 1.0, None, got)
+    torch.testing.assert_close(got, gx, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_conv1x1_relax_opcheck():
+    e, dead, ea = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3) > 0, torch.randn(2, 4, 3, 3)
+    torch.library.opcheck(torch.ops.pcfast.add_relu_vjp_relax.default,
+                          (e, dead, ea, 0.5, None, torch.empty_like(ea)))
+    a, b = torch.randn(2, 1, 3, 3), torch.randn(2, 3, 3, 3)
+    torch.library.opcheck(torch.ops.pcfast.concat_relu_vjp_relax.default,
+                          (e, dead, a, b, 0.5, 0.2, torch.empty_like(a), torch.empty_like(b)))
+    g, wt, e_in = torch.randn(2, 4, 3, 3), torch.randn(5, 4), torch.randn(2, 5, 3, 3)
+    torch.library.opcheck(torch.ops.pcfast.conv1x1_vjp_relax.default,
+                          (g, wt, e_in, e_in.clone(), 0.5, None, torch.empty_like(e_in)))
