@@ -45,6 +45,12 @@ Batch scaling: counts are taken at small batches on the CPU in float32 and fitte
 and largest batch size; every further batch size must agree with the fit (``--batch-sizes 4 8 6``
 checks linearity at 6), and the op count must not depend on the batch. Reported: ``a + 256 b``.
 
+Two counts per fast-path row: ``ops_per_step`` / ``x_bp_bytes`` count every registered pcfast
+op as one op, what a device with a fused kernel for each runs (the CPU, through ``pcfast._C``);
+``cuda_ops_per_step`` / ``cuda_x_bp_bytes`` count the ops that have no fused CUDA or Triton
+kernel yet (``pcfast.ops.cuda_composites()``) as the unfused PyTorch ops CUDA runs for them
+today: that is the figure for a GPU step until those kernels exist.
+
 Counts are of what the CPU dispatches. On CUDA a few modules pick device-specific ops that move
 the same data (``cudnn_batch_norm`` for ``native_batch_norm``); pcfast's C++ ops count only
 where ``pcfast._C`` is built and fresh (otherwise their PyTorch reference runs; the JSON lists
@@ -67,7 +73,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, environment, print_table  # noqa: E402
 from pcfast.models import build_model  # noqa: E402
+from pcfast.ops import cuda_composites  # noqa: E402
 from pcfast.pc import PCEngine, PCGraph  # noqa: E402
 
 TARGET_BATCH = 256
@@ -188,12 +195,19 @@ class OpCounter(TorchDispatchMode):
         c.count.n_ops, c.count.n_bytes   # 1, 3 * a.nbytes
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expand: Mapping[str, Callable[..., Any]] | None = None) -> None:
+        """``expand``: ``{"pcfast::op": composite}`` for ops to count as the unfused ops that
+        ``composite(*args)`` dispatches (what a device without that op's fused kernel runs)."""
         super().__init__()
         self.count = Count()
+        self.expand = dict(expand or {})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
+        composite = self.expand.get(getattr(func, "_schema", None) and func._schema.name)
+        if composite is not None:
+            with self:  # count what the composite dispatches, op by op
+                return composite(*args, **kwargs)
         out = func(*args, **kwargs)  # the mode is off in here: a custom op's body is not counted
         name = str(func)
         reason = excluded_reason(func)
@@ -205,9 +219,11 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def count_ops(fn: Callable[[], Any]) -> Count:
-    """Run ``fn()`` under an :class:`OpCounter`; return what it dispatched."""
-    with OpCounter() as counter:
+def count_ops(fn: Callable[[], Any],
+              expand: Mapping[str, Callable[..., Any]] | None = None) -> Count:
+    """Run ``fn()`` under an :class:`OpCounter` (``expand``: see there); return what it
+    dispatched."""
+    with OpCounter(expand) as counter:
         fn()
     return counter.count
 
@@ -244,7 +260,8 @@ def _difference(a: Count, b: Count, k: int, batch: int) -> StepCost:
 
 def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], tuple],
                  batch: int, schedule: str, path: str, k: int = 2, rate: float = 0.5,
-                 kernels: str = "auto") -> StepCost:
+                 kernels: str = "auto",
+                 expand: Mapping[str, Callable[..., Any]] | None = None) -> StepCost:
     """Cost of one inference step: ``(count(T=k) - count(T=0)) / k`` of ``compute_gradients``.
 
     ``make_graph()`` builds a fresh graph each time (same seed, same weights); ``path`` is
@@ -261,7 +278,7 @@ def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], 
         x, y = make_batch(batch)
         for p in graph.parameters():
             p.grad = None
-        counts.append(count_ops(lambda e=engine, x=x, y=y: e.compute_gradients(x, y)))
+        counts.append(count_ops(lambda e=engine, x=x, y=y: e.compute_gradients(x, y), expand))
     return _difference(counts[0], counts[1], k, batch)
 
 
@@ -397,10 +414,17 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
             fit = fit_linear([pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k,
                                            rate=rate, kernels=kernels) for n in batch_sizes])
             step_bytes = fit.bytes_at(TARGET_BATCH)
+            # What CUDA dispatches today: ops without a fused CUDA kernel run unfused there.
+            cuda = fit if path != "fast" else fit_linear([
+                pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k, rate=rate,
+                             kernels=kernels, expand=cuda_composites()) for n in batch_sizes])
+            cuda_bytes = cuda.bytes_at(TARGET_BATCH)
             rows.append({
                 "model": name, "schedule": schedule, "path": path,
                 "ops_per_step": fit.ops, "GiB_per_step": step_bytes / GIB,
                 "x_bp_bytes": step_bytes / bp_bytes,
+                "cuda_ops_per_step": cuda.ops, "cuda_x_bp_bytes": cuda_bytes / bp_bytes,
+                "cuda_by_op": cuda.by_op,
                 "bp_ops": bp.ops, "bp_GiB": bp_bytes / GIB,
                 "bytes_a": fit.a, "bytes_per_sample": fit.b,
                 "custom_ops": _custom_ops(fit.by_op),
@@ -425,7 +449,7 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
 
 
 COLUMNS = ("model", "schedule", "path", "ops_per_step", "GiB_per_step", "x_bp_bytes",
-           "bp_ops", "bp_GiB")
+           "cuda_ops_per_step", "cuda_x_bp_bytes", "bp_ops", "bp_GiB")
 
 
 def check_rows(rows: Sequence[dict[str, Any]], max_ratio: float | None, max_ops: float | None,

@@ -106,6 +106,30 @@ def test_custom_op_counts_once_not_its_body():
     assert count_ops(lambda: (x * 2 + 1).relu()).n_ops == 3  # the same body, uncounted above
 
 
+def test_an_expanded_custom_op_counts_its_composite_op_by_op():
+    # What a device without the op's fused kernel runs: the unfused ops, each with its traffic.
+    x = torch.randn(10)
+    body = lambda t: (t * 2 + 1).relu()  # noqa: E731
+    c = count_ops(lambda: torch.ops.pcfast_cost_test.three_ops(x),
+                  expand={"pcfast_cost_test::three_ops": body})
+    assert dict(c.ops) == {"aten.mul.Tensor": 1, "aten.add.Tensor": 1, "aten.relu.default": 1}
+    assert c.n_bytes == 3 * 2 * 10 * F32  # each unfused op reads and writes the whole tensor
+
+
+def test_every_cuda_composite_names_a_registered_op_and_takes_its_arguments():
+    import inspect
+
+    from pcfast.ops import cuda_composites
+
+    composites = cuda_composites()
+    assert "pcfast::pc_relax" in composites
+    for name, fn in composites.items():
+        namespace, op = name.split("::")
+        overload = getattr(getattr(torch.ops, namespace), op).default
+        op_args = [a.name for a in overload._schema.arguments]
+        assert len(inspect.signature(fn).parameters) == len(op_args), (name, op_args)
+
+
 def test_foreach_in_place_op_charges_the_mutated_list():
     xs, ys = [torch.randn(3), torch.randn(5)], [torch.randn(3), torch.randn(5)]
     c = count_ops(lambda: torch._foreach_add_(xs, ys))
