@@ -128,6 +128,8 @@ def test_wrong_compiled_dwconv_input_vjp_fails(capsys: pytest.CaptureFixture[str
     assert code == 1
     assert any(f.startswith("FAIL: dwconv input-VJP on cpu (cpu backend): max err ") for f in fails)
     ok = ("dwconv forward", "dwconv weight-VJP", "(reference backend)", "pc_update", "bn_relu")
+    # The fused dw op's unfused reference calls the compiled input-VJP: it fails with it.
+    fails = [f for f in fails if not f.startswith("FAIL: dw_bn_relu_vjp_relax on cpu (reference")]
     assert not any(name in f for f in fails for name in ok), fails
 
 
@@ -150,3 +152,23 @@ def test_engine_mismatch_fails(capsys: pytest.CaptureFixture[str],
     assert code == 1
     assert len(fails) == 1 and fails[0].startswith(
         "FAIL: PC engine fast vs reference on cpu: weight gradients: max err 1.00e-04 > tol"), fails
+
+
+def test_wrong_fused_fast_path_op_fails(capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pcfast.ops import vjp_relax
+
+    real = vjp_relax.add_relu_vjp_relax
+
+    def wrong(e, dead, e_a, rate, clamp, out_a):
+        g = real(e, dead, e_a, rate, clamp, out_a)
+        out_a.mul_(1.001)
+        return g
+
+    monkeypatch.setattr(vjp_relax, "add_relu_vjp_relax", wrong)
+    code, lines = _doctor(capsys, "--device", "cpu")
+    fails = _fail_lines(lines)
+    assert code == 1
+    assert [f for f in fails if "PC engine" not in f] == [
+        f for f in fails if f.startswith("FAIL: add_relu_vjp_relax on cpu (auto backend): max err ")]
+    assert any(f.startswith("FAIL: add_relu_vjp_relax on cpu (auto backend)") for f in fails)

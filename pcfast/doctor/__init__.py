@@ -25,6 +25,7 @@ from typing import TextIO
 import torch
 
 from pcfast.doctor import engine, env
+from pcfast.doctor.fused import FUSED_CHECKS
 from pcfast.doctor.ops import CHECKS, DTYPE, OpCheck, measure, unavailable
 from pcfast.doctor.report import FAIL, INFO, NOT_AVAILABLE, PASS, Report, Row
 
@@ -50,7 +51,7 @@ def _op_row(check: OpCheck, device: torch.device, backend: str, name: str) -> Ro
 
 
 def _check_ops(report: Report, devices: list[torch.device]) -> None:
-    for check in CHECKS:
+    for check in CHECKS + FUSED_CHECKS:
         for dev in devices:
             for backend in check.backends.get(dev.type, ()):
                 name = f"{check.name} on {dev} ({backend} backend)"
