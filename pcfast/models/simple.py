@@ -31,13 +31,15 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
-def make_activation(name: str) -> nn.Module:
-    """A fresh activation module by name (see ``ACTIVATIONS``)."""
+def make_activation(name: str, table: dict[str, Callable[[], nn.Module]] | None = None
+                    ) -> nn.Module:
+    """A fresh activation module by name from ``table`` (default ``ACTIVATIONS``)."""
+    table = ACTIVATIONS if table is None else table
     try:
-        return ACTIVATIONS[name]()
+        return table[name]()
     except KeyError:
         raise ValueError(
-            f"unknown activation {name!r}; choose from: {', '.join(sorted(ACTIVATIONS))}"
+            f"unknown activation {name!r}; choose from: {', '.join(sorted(table))}"
         ) from None
 
 

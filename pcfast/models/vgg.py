@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pcfast.models.layers import check_image_batch
-from pcfast.models.simple import ACTIVATIONS
+from pcfast.models.simple import ACTIVATIONS, make_activation
 from pcfast.pc.graph import PCGraph, sequential_graph
 
 # (out_channels, padding, max-pool after the block) per conv block.
@@ -56,12 +56,7 @@ VGG_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 def vgg_activation(name: str) -> nn.Module:
     """A fresh activation module by name (see ``VGG_ACTIVATIONS``)."""
-    try:
-        return VGG_ACTIVATIONS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; choose from: {', '.join(sorted(VGG_ACTIVATIONS))}"
-        ) from None
+    return make_activation(name, VGG_ACTIVATIONS)
 
 
 class VGG(nn.Module):
