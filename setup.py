@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import setuptools
@@ -148,10 +149,15 @@ def _extensions() -> tuple[list, dict]:
     # No -std flag: torch's extension builder adds the standard its own headers need (C++17 up to
     # torch 2.13, C++20 from 2.14), for the host compiler and nvcc alike.
     cxx = ["-O3", *defines]
+    # The CPU ops split their work with at::parallel_for, which runs serially unless the ops are
+    # compiled with OpenMP (torch's Linux wheels bring the libgomp it then links against).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx += openmp
     kwargs: dict = {
         "name": "pcfast._C",
         "include_dirs": [str(CSRC)],
         "py_limited_api": False,
+        "extra_link_args": openmp,
     }
     if with_cuda:
         archs = cuda_arch_list()

@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -123,6 +124,108 @@ void pc_relax_cpu(const at::Tensor& e, at::TensorList backs, double rate,
   });
 }
 
+// The loops of dw_bn_relu_core, as free functions over restrict pointers so that the compiler
+// vectorizes them (inside the dispatch lambdas every pointer is a captured reference that a
+// store might alias, which blocks vectorization).
+
+// out = dead ? 0 : e (a select, so a dead position is exactly 0 whatever e holds).
+template <typename scalar_t>
+void mask_dead(const scalar_t* __restrict e, const uint8_t* __restrict dead, int64_t n,
+               scalar_t* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t v = e[i];
+    out[i] = dead[i] ? scalar_t(0) : v;
+  }
+}
+
+// s1 += sum(dy), s2 += sum(dy * xhat) over one plane, dy = dead ? 0 : g: the select first,
+// into `scratch` (n values), then 8 partial sums per quantity so that the loop vectorizes
+// without reassociating a single sum.
+template <typename scalar_t, typename acc_t>
+void bn_relu_plane_sums(const scalar_t* __restrict g, const scalar_t* __restrict z,
+                        const uint8_t* __restrict dead, int64_t n, acc_t mean, acc_t invstd,
+                        acc_t* __restrict scratch, acc_t& s1, acc_t& s2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    scratch[i] = dead[i] ? acc_t(0) : gv;
+  }
+  acc_t p1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, p2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const acc_t dy = scratch[i + j];
+      p1[j] += dy;
+      p2[j] += dy * ((static_cast<acc_t>(z[i + j]) - mean) * invstd);
+    }
+  }
+  for (; i < n; ++i) {
+    p1[0] += scratch[i];
+    p2[0] += scratch[i] * ((static_cast<acc_t>(z[i]) - mean) * invstd);
+  }
+  for (int j = 0; j < 8; ++j) {
+    s1 += p1[j];
+    s2 += p2[j];
+  }
+}
+
+// One row of the BN-train + ReLU input-VJP: out = scale * (dy - a1 - xhat * a2), rounded to the
+// tensor dtype as the unfused ops do between the two VJPs.
+template <typename scalar_t, typename acc_t>
+void bn_relu_vjp_row(const scalar_t* __restrict g, const scalar_t* __restrict z,
+                     const uint8_t* __restrict dead, int64_t n, acc_t mean, acc_t invstd,
+                     acc_t scale, acc_t a1, acc_t a2, acc_t* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gv = static_cast<acc_t>(g[i]);
+    const acc_t dy = dead[i] ? acc_t(0) : gv;
+    const acc_t xhat = (static_cast<acc_t>(z[i]) - mean) * invstd;
+    out[i] = static_cast<acc_t>(static_cast<scalar_t>(scale * (dy - a1 - xhat * a2)));
+  }
+}
+
+// Transposed 3x3 depthwise conv, stride 1, padding 1, as a gather over a zero-bordered input
+// dz of (H + 2) x (W + 2): gx[iy, ix] = sum_{ky, kx} k[ky, kx] * dz[iy + 1 - ky, ix + 1 - kx].
+template <typename acc_t>
+void transposed_dw3x3_s1(const acc_t* __restrict dz, const acc_t* k, int64_t H, int64_t W,
+                         acc_t* __restrict gx) {
+  const int64_t Wp = W + 2;
+  const acc_t k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6],
+              k7 = k[7], k8 = k[8];
+  for (int64_t iy = 0; iy < H; ++iy) {
+    // Padded rows of dz rows iy + 1 - ky for ky = 0, 1, 2.
+    const acc_t* __restrict r0 = dz + (iy + 2) * Wp;
+    const acc_t* __restrict r1 = dz + (iy + 1) * Wp;
+    const acc_t* __restrict r2 = dz + iy * Wp;
+    acc_t* __restrict o = gx + iy * W;
+    for (int64_t ix = 0; ix < W; ++ix) {
+      o[ix] = k0 * r0[ix + 2] + k1 * r0[ix + 1] + k2 * r0[ix] + k3 * r1[ix + 2] +
+              k4 * r1[ix + 1] + k5 * r1[ix] + k6 * r2[ix + 2] + k7 * r2[ix + 1] + k8 * r2[ix];
+    }
+  }
+}
+
+// The same for stride 2 (dz: (Ho + 2) x (Wo + 2) with a zero border): input row iy receives
+// from output rows oy = (iy + 1 - ky) / 2 where that is whole, i.e. ky = 1 for even iy and
+// ky = 0, 2 for odd iy; columns likewise. Rows oy = -1 and Ho are the zero border.
+template <typename acc_t>
+void transposed_dw3x3_s2(const acc_t* __restrict dz, const acc_t* k, int64_t Ho, int64_t Wo,
+                         int64_t H, int64_t W, acc_t* __restrict gx) {
+  const int64_t Wp = Wo + 2;
+  for (int64_t iy = 0; iy < H; ++iy) {
+    acc_t* __restrict o = gx + iy * W;
+    for (int64_t ix = 0; ix < W; ++ix) o[ix] = acc_t(0);
+    for (int64_t ky = 0; ky < 3; ++ky) {
+      if ((iy + 1 - ky) % 2 != 0) continue;
+      const int64_t oy = (iy + 1 - ky) / 2;  // in [-1, Ho]
+      if (oy < -1 || oy > Ho) continue;
+      const acc_t* __restrict row = dz + (oy + 1) * Wp + 1;  // row[ox], ox in [-1, Wo]
+      const acc_t ka = k[ky * 3 + 0], kb = k[ky * 3 + 1], kc = k[ky * 3 + 2];
+      // even ix = 2j: kx = 1, ox = j; odd ix = 2j + 1: kx = 0 -> ox = j + 1, kx = 2 -> ox = j.
+      for (int64_t j = 0; 2 * j < W; ++j) o[2 * j] += kb * row[j];
+      for (int64_t j = 0; 2 * j + 1 < W; ++j) o[2 * j + 1] += ka * row[j + 1] + kc * row[j];
+    }
+  }
+}
+
 // The core of both dw_bn_relu_vjp ops. With `e` defined, writes the relaxed error into `out`.
 void dw_bn_relu_core(const at::Tensor& g, const at::Tensor& z, const at::Tensor& dead,
                      const std::optional<at::Tensor>& gamma, const at::Tensor& mean,
@@ -165,7 +268,8 @@ void dw_bn_relu_core(const at::Tensor& g, const at::Tensor& z, const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const bool* dp = dead.const_data_ptr<bool>();
+    // Masks as bytes: loops over bool loads do not vectorize with GCC.
+    const uint8_t* dp = reinterpret_cast<const uint8_t*>(dead.const_data_ptr<bool>());
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     const acc_t* mp = mean_a.const_data_ptr<acc_t>();
     const acc_t* ip = invstd_a.const_data_ptr<acc_t>();
@@ -179,105 +283,48 @@ void dw_bn_relu_core(const at::Tensor& g, const at::Tensor& z, const at::Tensor&
     // Phase 1: per-channel sums of dy and dy * xhat.
     std::vector<acc_t> k1(C), k2(C);
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(HWo);
       for (int64_t c = begin; c < end; ++c) {
-        // 8 independent partial sums per quantity: the loop vectorizes without reassociation.
-        acc_t p1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, p2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        const acc_t m = mp[c], is = ip[c];
+        acc_t s1 = 0, s2 = 0;
         for (int64_t n = 0; n < N; ++n) {
           const int64_t base = (n * C + c) * HWo;
-          const scalar_t* gg = gp + base;
-          const scalar_t* zz = zp + base;
-          const bool* dd = dp + base;
-          int64_t i = 0;
-          for (; i + 8 <= HWo; i += 8) {
-            for (int j = 0; j < 8; ++j) {
-              const acc_t dy = dd[i + j] ? acc_t(0) : static_cast<acc_t>(gg[i + j]);
-              p1[j] += dy;
-              p2[j] += dy * ((static_cast<acc_t>(zz[i + j]) - m) * is);
-            }
-          }
-          for (; i < HWo; ++i) {
-            const acc_t dy = dd[i] ? acc_t(0) : static_cast<acc_t>(gg[i]);
-            p1[0] += dy;
-            p2[0] += dy * ((static_cast<acc_t>(zz[i]) - m) * is);
-          }
-        }
-        acc_t s1 = 0, s2 = 0;
-        for (int j = 0; j < 8; ++j) {
-          s1 += p1[j];
-          s2 += p2[j];
+          bn_relu_plane_sums<scalar_t, acc_t>(gp + base, zp + base, dp + base, HWo, mp[c], ip[c],
+                                               scratch.data(), s1, s2);
         }
         k1[c] = s1 / static_cast<acc_t>(M);
         k2[c] = s2 / static_cast<acc_t>(M);
       }
     });
-    // Phase 2: per plane, dz then the transposed dual-path conv (summed kernel), then write.
+    // Phase 2: per plane, dz (zero border of 1), the transposed dual-path conv with the summed
+    // kernel as a gather, then the write or the relax epilogue.
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      // dz with a zero border of 1: the stride-1 transposed conv is then a gather of 9 shifted
-      // rows per output row (vectorizes); stride 2 scatters.
       const int64_t Wp = Wo + 2;
       std::vector<acc_t> dz((Ho + 2) * Wp, acc_t(0)), gx(HW);
-      std::vector<scalar_t> rounded(relax ? HW : 0);
+      std::vector<scalar_t> rounded(HW);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
-        const acc_t m = mp[c], is = ip[c], s = sp[c], a1 = k1[c], a2 = k2[c];
         const int64_t base = p * HWo;
         for (int64_t oy = 0; oy < Ho; ++oy) {
-          const scalar_t* gg = gp + base + oy * Wo;
-          const scalar_t* zz = zp + base + oy * Wo;
-          const bool* dd = dp + base + oy * Wo;
-          acc_t* row = dz.data() + (oy + 1) * Wp + 1;
-          for (int64_t ox = 0; ox < Wo; ++ox) {
-            const acc_t dy = dd[ox] ? acc_t(0) : static_cast<acc_t>(gg[ox]);
-            const acc_t xhat = (static_cast<acc_t>(zz[ox]) - m) * is;
-            // Rounded to the tensor dtype as the unfused ops do between the two VJPs.
-            row[ox] = static_cast<acc_t>(static_cast<scalar_t>(s * (dy - a1 - xhat * a2)));
-          }
+          const int64_t at_row = base + oy * Wo;
+          bn_relu_vjp_row<scalar_t, acc_t>(gp + at_row, zp + at_row, dp + at_row, Wo, mp[c],
+                                            ip[c], sp[c], k1[c], k2[c],
+                                            dz.data() + (oy + 1) * Wp + 1);
         }
         acc_t k[9];
         for (int t = 0; t < 9; ++t) {
           k[t] = static_cast<acc_t>(wp[2 * c * 9 + t]) + static_cast<acc_t>(wp[(2 * c + 1) * 9 + t]);
         }
         if (stride == 1) {
-          // gx[iy, ix] = sum_{ky, kx} k[ky, kx] * dz[iy + 1 - ky, ix + 1 - kx]  (dz unpadded)
-          for (int64_t iy = 0; iy < H; ++iy) {
-            acc_t* o = gx.data() + iy * W;
-            for (int64_t ix = 0; ix < W; ++ix) o[ix] = 0;
-            for (int64_t ky = 0; ky < 3; ++ky) {
-              const acc_t* src = dz.data() + (iy + 2 - ky) * Wp;  // padded row iy + 1 - ky
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const acc_t kk = k[ky * 3 + kx];
-                const acc_t* sr = src + 2 - kx;
-                for (int64_t ix = 0; ix < W; ++ix) o[ix] += kk * sr[ix];
-              }
-            }
-          }
+          transposed_dw3x3_s1<acc_t>(dz.data(), k, H, W, gx.data());
         } else {
-          std::fill(gx.begin(), gx.end(), acc_t(0));
-          for (int64_t oy = 0; oy < Ho; ++oy) {
-            for (int64_t ox = 0; ox < Wo; ++ox) {
-              const acc_t v = dz[(oy + 1) * Wp + ox + 1];
-              for (int64_t ky = 0; ky < 3; ++ky) {
-                const int64_t iy = oy * stride - 1 + ky;
-                if (iy < 0 || iy >= H) continue;
-                for (int64_t kx = 0; kx < 3; ++kx) {
-                  const int64_t ix = ox * stride - 1 + kx;
-                  if (ix < 0 || ix >= W) continue;
-                  gx[iy * W + ix] += k[ky * 3 + kx] * v;
-                }
-              }
-            }
-          }
+          transposed_dw3x3_s2<acc_t>(dz.data(), k, Ho, Wo, H, W, gx.data());
         }
+        // gx rounded to the dtype (the unfused VJP's result), then written or relaxed.
         scalar_t* o = op + p * HW;
-        if (!relax) {
-          for (int64_t i = 0; i < HW; ++i) o[i] = static_cast<scalar_t>(gx[i]);
-        } else {
-          const scalar_t* bp2[2] = {nullptr, xp ? xp + p * HW : nullptr};
-          // gx rounded to the dtype (the unfused VJP's result), then the relax epilogue.
-          std::vector<scalar_t>& tmp = rounded;
-          for (int64_t i = 0; i < HW; ++i) tmp[i] = static_cast<scalar_t>(gx[i]);
-          bp2[0] = tmp.data();
+        scalar_t* tmp = relax ? rounded.data() : o;
+        for (int64_t i = 0; i < HW; ++i) tmp[i] = static_cast<scalar_t>(gx[i]);
+        if (relax) {
+          const scalar_t* bp2[2] = {tmp, xp ? xp + p * HW : nullptr};
           relax_range<scalar_t, acc_t>(ep + p * HW, bp2, xp ? 2 : 1, o, 0, HW, r, has_clamp, cl);
         }
       }
@@ -321,7 +368,7 @@ at::Tensor add_relu_vjp_relax_cpu(const at::Tensor& e, const at::Tensor& dead,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "add_relu_vjp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ep = e.const_data_ptr<scalar_t>();
-    const bool* dp = dead.const_data_ptr<bool>();
+    const uint8_t* dp = reinterpret_cast<const uint8_t*>(dead.const_data_ptr<bool>());
     const scalar_t* ap = e_a.const_data_ptr<scalar_t>();
     scalar_t* gp = g.mutable_data_ptr<scalar_t>();
     scalar_t* op = out_a.mutable_data_ptr<scalar_t>();
@@ -329,7 +376,7 @@ at::Tensor add_relu_vjp_relax_cpu(const at::Tensor& e, const at::Tensor& dead,
     const bool has_clamp = clamp.has_value();
     const acc_t c = has_clamp ? static_cast<acc_t>(*clamp) : acc_t(0);
     at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) gp[i] = dp[i] ? scalar_t(0) : ep[i];
+      mask_dead<scalar_t>(ep + begin, dp + begin, end - begin, gp + begin);
       const scalar_t* bp[1] = {gp};
       relax_range<scalar_t, acc_t>(ap, bp, 1, op, begin, end, r, has_clamp, c);
     });
@@ -356,7 +403,7 @@ void concat_relu_vjp_relax_cpu(const at::Tensor& e, const at::Tensor& dead, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "concat_relu_vjp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ep = e.const_data_ptr<scalar_t>();
-    const bool* dp = dead.const_data_ptr<bool>();
+    const uint8_t* dp = reinterpret_cast<const uint8_t*>(dead.const_data_ptr<bool>());
     const acc_t r = static_cast<acc_t>(rate);
     const bool has_clamp = clamp.has_value();
     const acc_t c = has_clamp ? static_cast<acc_t>(*clamp) : acc_t(0);
@@ -371,7 +418,7 @@ void concat_relu_vjp_relax_cpu(const at::Tensor& e, const at::Tensor& dead, cons
         const scalar_t* dst_e = (second ? e_b : e_a).const_data_ptr<scalar_t>() + n * len;
         scalar_t* dst_o = (second ? out_b : out_a).mutable_data_ptr<scalar_t>() + n * len;
         g.resize(len);
-        for (int64_t i = 0; i < len; ++i) g[i] = dp[src + i] ? scalar_t(0) : ep[src + i];
+        mask_dead<scalar_t>(ep + src, dp + src, len, g.data());
         const scalar_t* bp[1] = {g.data()};
         relax_range<scalar_t, acc_t>(dst_e, bp, 1, dst_o, 0, len, r, has_clamp, c);
       }
