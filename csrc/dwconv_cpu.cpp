@@ -1,6 +1,7 @@
-// CPU implementation of the dual-path depthwise 3x3 conv: plain loops over one (n, c) plane per
-// task, arbitrary element strides (so NCHW, channels_last and strided views need no copy),
-// accumulation in at::opmath_type (float for half types, double for double).
+// CPU implementation of the dual-path depthwise 3x3 conv: one (n, c) plane per task, read
+// through arbitrary element strides (so NCHW, channels_last and strided views need no copy) into
+// a zero-bordered opmath buffer, then the vectorized gathers of dw3x3_cpu.h; accumulation in
+// at::opmath_type (float for half types, double for double).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "dw3x3_cpu.h"
 #include "dwconv.h"
 
 namespace pcfast {
@@ -40,6 +42,21 @@ void summed_kernel(const at::Tensor& weight, int64_t c, acc_t* k) {
   }
 }
 
+// dst (any element strides) <- a dense (H, W) opmath plane, rounded to scalar_t.
+template <typename scalar_t, typename acc_t>
+void store_plane(const acc_t* __restrict src, int64_t H, int64_t W, scalar_t* dst, int64_t sh,
+                 int64_t sw) {
+  for (int64_t y = 0; y < H; ++y) {
+    const acc_t* __restrict s = src + y * W;
+    scalar_t* d = dst + y * sh;
+    if (sw == 1) {
+      for (int64_t x = 0; x < W; ++x) d[x] = static_cast<scalar_t>(s[x]);
+    } else {
+      for (int64_t x = 0; x < W; ++x) d[x * sw] = static_cast<scalar_t>(s[x]);
+    }
+  }
+}
+
 at::Tensor fwd_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
   check_dwconv_args(x, weight, stride, "x");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -51,36 +68,22 @@ at::Tensor fwd_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t stride
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> padded((H + 2) * (W + 2), acc_t(0)), out(Ho * Wo);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / C, c = p % C;
         acc_t k[9];
         summed_kernel<scalar_t>(weight, c, k);
-        const scalar_t* xin = xp + n * xs.n + c * xs.c;
-        scalar_t* yout = yp + n * ys.n + c * ys.c;
-        for (int64_t oy = 0; oy < Ho; ++oy) {
-          for (int64_t ox = 0; ox < Wo; ++ox) {
-            acc_t acc = 0;
-            for (int64_t ky = 0; ky < 3; ++ky) {
-              const int64_t iy = oy * stride - 1 + ky;
-              if (iy < 0 || iy >= H) continue;
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t ix = ox * stride - 1 + kx;
-                if (ix < 0 || ix >= W) continue;
-                acc += k[ky * 3 + kx] * static_cast<acc_t>(xin[iy * xs.h + ix * xs.w]);
-              }
-            }
-            yout[oy * ys.h + ox * ys.w] = static_cast<scalar_t>(acc);
-          }
-        }
+        load_padded<scalar_t, acc_t>(xp + n * xs.n + c * xs.c, xs.h, xs.w, H, W, padded.data());
+        dw3x3_fwd_plane<acc_t>(padded.data(), k, W, Ho, Wo, stride, out.data());
+        store_plane<scalar_t, acc_t>(out.data(), Ho, Wo, yp + n * ys.n + c * ys.c, ys.h, ys.w);
       }
     });
   });
   return y;
 }
 
-// gx[oy * s - 1 + ky, ox * s - 1 + kx] += k[ky, kx] * g[oy, ox]: the transposed conv, scattered
-// from each output pixel into an opmath buffer of the plane (no division by the stride in the
-// inner loop; the same access pattern as the forward pass).
+// gx[iy, ix] = sum_{ky, kx} k[ky, kx] * g[(iy + 1 - ky) / s, (ix + 1 - kx) / s] over the whole
+// quotients: the transposed conv as a gather over the zero-bordered plane of g.
 at::Tensor bwd_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight, int64_t stride,
                          int64_t in_h, int64_t in_w) {
   check_dwconv_bwd_input_args(grad_out, weight, stride, in_h, in_w);
@@ -95,33 +98,19 @@ at::Tensor bwd_input_cpu(const at::Tensor& grad_out, const at::Tensor& weight, i
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* xp = gx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(in_h * in_w);
+      std::vector<acc_t> padded((Ho + 2) * (Wo + 2), acc_t(0)), out(in_h * in_w);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / C, c = p % C;
         acc_t k[9];
         summed_kernel<scalar_t>(weight, c, k);
-        const scalar_t* gin = gp + n * gs.n + c * gs.c;
-        scalar_t* xout = xp + n * xs.n + c * xs.c;
-        std::fill(buf.begin(), buf.end(), acc_t(0));
-        for (int64_t oy = 0; oy < Ho; ++oy) {
-          for (int64_t ox = 0; ox < Wo; ++ox) {
-            const acc_t g = static_cast<acc_t>(gin[oy * gs.h + ox * gs.w]);
-            for (int64_t ky = 0; ky < 3; ++ky) {
-              const int64_t iy = oy * stride - 1 + ky;
-              if (iy < 0 || iy >= in_h) continue;
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t ix = ox * stride - 1 + kx;
-                if (ix < 0 || ix >= in_w) continue;
-                buf[iy * in_w + ix] += k[ky * 3 + kx] * g;
-              }
-            }
-          }
+        load_padded<scalar_t, acc_t>(gp + n * gs.n + c * gs.c, gs.h, gs.w, Ho, Wo, padded.data());
+        if (stride == 1) {
+          transposed_dw3x3_s1<acc_t>(padded.data(), k, in_h, in_w, out.data());
+        } else {
+          transposed_dw3x3_s2<acc_t>(padded.data(), k, Ho, Wo, in_h, in_w, out.data());
         }
-        for (int64_t iy = 0; iy < in_h; ++iy) {
-          for (int64_t ix = 0; ix < in_w; ++ix) {
-            xout[iy * xs.h + ix * xs.w] = static_cast<scalar_t>(buf[iy * in_w + ix]);
-          }
-        }
+        store_plane<scalar_t, acc_t>(out.data(), in_h, in_w, xp + n * xs.n + c * xs.c, xs.h,
+                                     xs.w);
       }
     });
   });
@@ -144,25 +133,18 @@ at::Tensor bwd_weight_cpu(const at::Tensor& grad_out, const at::Tensor& x, int64
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     acc_t* pp = partial.mutable_data_ptr<acc_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> padded((H + 2) * (W + 2), acc_t(0)), gd(Ho * Wo), cols(9 * Wo);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / C, c = p % C;
+        load_padded<scalar_t, acc_t>(xp + n * xs.n + c * xs.c, xs.h, xs.w, H, W, padded.data());
         const scalar_t* gin = gp + n * gs.n + c * gs.c;
-        const scalar_t* xin = xp + n * xs.n + c * xs.c;
-        acc_t acc[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
         for (int64_t oy = 0; oy < Ho; ++oy) {
           for (int64_t ox = 0; ox < Wo; ++ox) {
-            const acc_t g = static_cast<acc_t>(gin[oy * gs.h + ox * gs.w]);
-            for (int64_t ky = 0; ky < 3; ++ky) {
-              const int64_t iy = oy * stride - 1 + ky;
-              if (iy < 0 || iy >= H) continue;
-              for (int64_t kx = 0; kx < 3; ++kx) {
-                const int64_t ix = ox * stride - 1 + kx;
-                if (ix < 0 || ix >= W) continue;
-                acc[ky * 3 + kx] += g * static_cast<acc_t>(xin[iy * xs.h + ix * xs.w]);
-              }
-            }
+            gd[oy * Wo + ox] = static_cast<acc_t>(gin[oy * gs.h + ox * gs.w]);
           }
         }
+        acc_t acc[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+        dw3x3_weight_plane<acc_t>(padded.data(), gd.data(), W, Ho, Wo, stride, cols.data(), acc);
         for (int k = 0; k < 9; ++k) pp[p * 9 + k] = acc[k];
       }
     });

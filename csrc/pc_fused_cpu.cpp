@@ -32,6 +32,8 @@
 #include <optional>
 #include <vector>
 
+#include "dw3x3_cpu.h"
+
 namespace pcfast {
 namespace {
 
@@ -179,50 +181,6 @@ void bn_relu_vjp_row(const scalar_t* __restrict g, const scalar_t* __restrict z,
     const acc_t dy = dead[i] ? acc_t(0) : gv;
     const acc_t xhat = (static_cast<acc_t>(z[i]) - mean) * invstd;
     out[i] = static_cast<acc_t>(static_cast<scalar_t>(scale * (dy - a1 - xhat * a2)));
-  }
-}
-
-// Transposed 3x3 depthwise conv, stride 1, padding 1, as a gather over a zero-bordered input
-// dz of (H + 2) x (W + 2): gx[iy, ix] = sum_{ky, kx} k[ky, kx] * dz[iy + 1 - ky, ix + 1 - kx].
-template <typename acc_t>
-void transposed_dw3x3_s1(const acc_t* __restrict dz, const acc_t* k, int64_t H, int64_t W,
-                         acc_t* __restrict gx) {
-  const int64_t Wp = W + 2;
-  const acc_t k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4], k5 = k[5], k6 = k[6],
-              k7 = k[7], k8 = k[8];
-  for (int64_t iy = 0; iy < H; ++iy) {
-    // Padded rows of dz rows iy + 1 - ky for ky = 0, 1, 2.
-    const acc_t* __restrict r0 = dz + (iy + 2) * Wp;
-    const acc_t* __restrict r1 = dz + (iy + 1) * Wp;
-    const acc_t* __restrict r2 = dz + iy * Wp;
-    acc_t* __restrict o = gx + iy * W;
-    for (int64_t ix = 0; ix < W; ++ix) {
-      o[ix] = k0 * r0[ix + 2] + k1 * r0[ix + 1] + k2 * r0[ix] + k3 * r1[ix + 2] +
-              k4 * r1[ix + 1] + k5 * r1[ix] + k6 * r2[ix + 2] + k7 * r2[ix + 1] + k8 * r2[ix];
-    }
-  }
-}
-
-// The same for stride 2 (dz: (Ho + 2) x (Wo + 2) with a zero border): input row iy receives
-// from output rows oy = (iy + 1 - ky) / 2 where that is whole, i.e. ky = 1 for even iy and
-// ky = 0, 2 for odd iy; columns likewise. Rows oy = -1 and Ho are the zero border.
-template <typename acc_t>
-void transposed_dw3x3_s2(const acc_t* __restrict dz, const acc_t* k, int64_t Ho, int64_t Wo,
-                         int64_t H, int64_t W, acc_t* __restrict gx) {
-  const int64_t Wp = Wo + 2;
-  for (int64_t iy = 0; iy < H; ++iy) {
-    acc_t* __restrict o = gx + iy * W;
-    for (int64_t ix = 0; ix < W; ++ix) o[ix] = acc_t(0);
-    for (int64_t ky = 0; ky < 3; ++ky) {
-      if ((iy + 1 - ky) % 2 != 0) continue;
-      const int64_t oy = (iy + 1 - ky) / 2;  // in [-1, Ho]
-      if (oy < -1 || oy > Ho) continue;
-      const acc_t* __restrict row = dz + (oy + 1) * Wp + 1;  // row[ox], ox in [-1, Wo]
-      const acc_t ka = k[ky * 3 + 0], kb = k[ky * 3 + 1], kc = k[ky * 3 + 2];
-      // even ix = 2j: kx = 1, ox = j; odd ix = 2j + 1: kx = 0 -> ox = j + 1, kx = 2 -> ox = j.
-      for (int64_t j = 0; 2 * j < W; ++j) o[2 * j] += kb * row[j];
-      for (int64_t j = 0; 2 * j + 1 < W; ++j) o[2 * j + 1] += ka * row[j + 1] + kc * row[j];
-    }
   }
 }
 
