@@ -117,6 +117,14 @@ def _dwconv_input_vjp(g: torch.Tensor, weight: torch.Tensor, stride: int,
     return torch.nn.grad.conv2d_input(in_shape, summed, g, stride=stride, padding=1, groups=c)
 
 
+def _is_avgpool3x3(module: nn.AvgPool2d) -> bool:
+    """Whether ``module`` is AvgPool2d(3, stride 1 or 2, padding 1) dividing by 9 everywhere."""
+    stride = _pair(module.stride or module.kernel_size)
+    return (_pair(module.kernel_size) == (3, 3) and _pair(module.padding) == (1, 1)
+            and stride in ((1, 1), (2, 2)) and module.count_include_pad
+            and module.divisor_override is None and not module.ceil_mode)
+
+
 def _bn_train(bn: nn.Module) -> bool:
     return bn.training or bn.running_mean is None
 
@@ -176,6 +184,14 @@ def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tens
         return y, _Step((name, tuple(shape), tuple(args.items())), {"w": module.weight.detach()},
                         lambda g, s: torch.nn.grad.conv2d_input(shape, s["w"], g.to(s["w"].dtype),
                                                                 **args))
+    if isinstance(module, nn.AvgPool2d) and kernels != "torch" and _is_avgpool3x3(module):
+        # A 3x3 average pool with padding 1 counting the padding is a depthwise 3x3 conv with
+        # the kernel 1/9: its input-VJP is the dwconv op's, with both paths at 1/18 (the summed
+        # kernel is then exactly fl(1/9)); aten's avg_pool2d_backward is much slower on CPU.
+        stride, shape = _pair(module.stride or module.kernel_size)[0], xd.shape
+        w = torch.full((2 * shape[1], 1, 3, 3), 1.0 / 18.0, dtype=xd.dtype, device=xd.device)
+        return y, _Step((name, "avg3x3", stride, tuple(shape), kernels), {"w": w},
+                        lambda g, s: _dwconv_input_vjp(g, s["w"], stride, shape, kernels))
     if isinstance(module, nn.AvgPool2d):
         args = (_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
                 _pair(module.padding), module.ceil_mode, module.count_include_pad,
@@ -209,10 +225,7 @@ def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tens
         if module.weight is not None:
             s["weight"] = module.weight.detach()
         if train:
-            dims = [0] + list(range(2, xd.dim()))
-            zc = xd.float() if xd.dtype in (torch.float16, torch.bfloat16) else xd
-            var, mean = torch.var_mean(zc, dim=dims, unbiased=False)
-            s["mean"], s["invstd"] = mean, torch.rsqrt(var + module.eps)
+            s["mean"], s["invstd"] = bn_saved_stats(xd, module.eps)
         else:
             scale = torch.rsqrt(module.running_var.detach() + module.eps)
             if module.weight is not None:

@@ -102,7 +102,7 @@ class FastBackend(PCBackend):
         self.cuda_graph = cuda_graph
         self.autocast = autocast
         self.captures = CaptureCache()
-        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     @classmethod
     def from_options(cls, graph: PCGraph, options: dict | None) -> FastBackend:
@@ -152,10 +152,13 @@ class FastBackend(PCBackend):
         trace = [base_energy] if s.record_energy else []
         if self.graphable(x.device, s, rules):
             final = self._run_graphed(rules, e_out.to(dtype), shapes, dtype, x, s)
+            kept = final.clone()  # the graph's static buffers are reused by the next batch
         else:
             bufs = self._flat_buffers(shapes, dtype, x.device)
-            final = self._relax(rules, e_out.to(dtype), bufs, shapes, s, trace, base_energy)
-        kept = final.clone()  # the buffers are reused by the next batch
+            kept = self._relax(rules, e_out.to(dtype), bufs, shapes, s, trace, base_energy)
+            # The result keeps the final buffer (no copy); the next batch allocates another.
+            self._buffers = {k: tuple(None if b is kept else b for b in v)
+                             for k, v in self._buffers.items()}
         errors = self._views(kept, shapes)
         errors[g.output] = e_out
         params, grads = weight_grads(g, [mus[n.name] for n in g.nodes],
@@ -201,11 +204,13 @@ class FastBackend(PCBackend):
     def _flat_buffers(self, shapes, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         total = sum(sh.numel() for sh in shapes)
         key = (total, dtype, device)
-        if key not in self._buffers:
-            # One entry: a new batch shape replaces the buffers instead of accumulating them.
-            self._buffers = {key: (torch.empty(total, dtype=dtype, device=device),
-                                   torch.empty(total, dtype=dtype, device=device))}
-        return self._buffers[key]
+        # One entry: a new batch shape replaces the buffers instead of accumulating them. A
+        # buffer handed to a result (None here) is replaced by a new one.
+        old = self._buffers.get(key, (None, None))
+        bufs = tuple(b if b is not None else torch.empty(total, dtype=dtype, device=device)
+                     for b in old)
+        self._buffers = {key: bufs}
+        return bufs
 
     def _views(self, flat: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
         views, offset = {}, 0
