@@ -16,7 +16,8 @@ HELP = {
     "model_kwargs": "JSON object of model constructor arguments, e.g. '{\"depth\": 20}'",
     "rule": "learning rule: pc (predictive coding), bp (backprop), dtp (target propagation)",
     "rule_options": "rule-specific option KEY=VALUE (repeatable; VALUE parsed as JSON when it can be)",
-    "init": "weight initialisation: default (PyTorch's) or he",
+    "init": "weight initialisation: default (PyTorch's), he (Kaiming fan-out convs, "
+            "dual-path ones included) or seed (he, classifier N(0, 0.01))",
     "epochs": "number of epochs",
     "iterations": "stop after this many optimizer steps (overrides --epochs)",
     "batch_size": "training batch size",

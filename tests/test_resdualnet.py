@@ -31,6 +31,8 @@ def test_forward_shape_and_pc_graph_matches_forward():
     assert kinds.count("merge") == 8 and kinds.count("shortcut") == 4
     assert kinds.count("dw1") == kinds.count("pw") == kinds.count("dw2") == 8
     assert graph.depth == 34
+    # stem + 36 block nodes + one head node (global pool and classifier): the README's count
+    assert len(graph.nodes) == 38 and kinds[0] == "stem" and kinds[-1] == "head"
 
 
 def test_blocks_use_add_and_concat_merges_where_shapes_demand():

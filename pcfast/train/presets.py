@@ -8,16 +8,18 @@ from pcfast.train.config import TrainConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed project's PC set-up: Res-DualNet, batch 256, T=100, rate 0.5, jacobi,
-    # Adam 0.01 -> 0.001 -> 1e-4 over 10/10/5 epochs, flip-only augmentation. The main-job
-    # presets fetch CIFAR-10 through torchvision when no copy is found (synthetic data if offline).
-    "seed-pc": dict(model="resdualnet", rule="pc", epochs=25, batch_size=256, T=100, rate=0.5,
-                    schedule="jacobi", fpa=True, optimizer="adam", lr=0.01,
+    # Adam 0.01 -> 0.001 -> 1e-4 over 10/10/5 epochs, flip-only augmentation, the seed's init
+    # (Kaiming fan-out for every conv, the dual-path ones included; classifier N(0, 0.01)). The
+    # main-job presets fetch CIFAR-10 through torchvision when no copy is found (synthetic data
+    # if offline).
+    "seed-pc": dict(model="resdualnet", rule="pc", init="seed", epochs=25, batch_size=256, T=100,
+                    rate=0.5, schedule="jacobi", fpa=True, optimizer="adam", lr=0.01,
                     lr_schedule="step", milestones=(10, 20), milestone_unit="epoch",
                     lr_gamma=0.1, augment="flip", preprocess="cifar10", download=True),
-    # The seed project's BP set-up: the same schedule at batch 128.
-    "seed-bp": dict(model="resdualnet", rule="bp", epochs=25, batch_size=128, optimizer="adam",
-                    lr=0.01, lr_schedule="step", milestones=(10, 20), milestone_unit="epoch",
-                    lr_gamma=0.1, augment="flip", preprocess="cifar10", download=True),
+    # The seed project's BP set-up: the same schedule and init at batch 128.
+    "seed-bp": dict(model="resdualnet", rule="bp", init="seed", epochs=25, batch_size=128,
+                    optimizer="adam", lr=0.01, lr_schedule="step", milestones=(10, 20),
+                    milestone_unit="epoch", lr_gamma=0.1, augment="flip", preprocess="cifar10", download=True),
     # A few-minute CPU version of the seed PC run (the README's quick start): 2,048 training
     # images, and the sequential schedule, whose sweep reaches every node in one step, so that
     # T=2 (rate 0.5) trains the whole network.
