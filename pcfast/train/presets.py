@@ -19,7 +19,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The seed project's BP set-up: the same schedule and init at batch 128.
     "seed-bp": dict(model="resdualnet", rule="bp", init="seed", epochs=25, batch_size=128,
                     optimizer="adam", lr=0.01, lr_schedule="step", milestones=(10, 20),
-                    milestone_unit="epoch", lr_gamma=0.1, augment="flip", preprocess="cifar10", download=True),
+                    milestone_unit="epoch", lr_gamma=0.1, augment="flip", preprocess="cifar10",
+                    download=True),
     # A few-minute CPU version of the seed PC run (the README's quick start): 2,048 training
     # images, and the sequential schedule, whose sweep reaches every node in one step, so that
     # T=2 (rate 0.5) trains the whole network.
