@@ -42,6 +42,9 @@ HELP = {
     "fpa": "fixed prediction assumption (--no-fpa: strict PC, predictions recomputed every step)",
     "output_loss": "PC output energy: ce or mse",
     "error_clamp": "clamp the propagated PC errors to [-c, c]",
+    "state_momentum": "momentum of the PC inference steps on the values (0: plain steps; "
+                      "reference backend)",
+    "state_nesterov": "Nesterov momentum for the PC inference steps",
     "pc_backend": "PC engine backend: auto (fast on CUDA under FPA, else reference), fast, reference",
     "data_dir": "folder holding cifar-10-batches-py (default: $PCFAST_CIFAR10_DIR, ~/.cache/pcfast)",
     "download": "download CIFAR-10 through torchvision when no copy is found",

@@ -160,21 +160,67 @@ class _HandMLP:
             out[2] = e2 + d_out @ self.W[2]
         return out
 
-    def relax(self, x0, y, T: int, rate: float, schedule: str, clamp: float | None):
+    def relax(self, x0, y, T: int, rate: float, schedule: str, clamp: float | None,
+              momentum: float = 0.0, nesterov: bool = False, fpa: bool = False):
+        """Strict PC (or FPA: predictions, Jacobians and the output error frozen at the
+        feedforward values), plain steps or momentum on the values."""
         x1 = self.predict(0, x0)
         x2 = self.predict(1, x1)
+        ff = (x1, x2)
+        velocity: dict[int, torch.Tensor] = {}
+
+        def grads(a1, a2, which):
+            if not fpa:
+                return self.dF_dvalues(x0, a1, a2, y, which)
+            # FPA: dF/dx_u = e_u - J^T e_v with J and mu at the feedforward values.
+            g = self.dF_dvalues(x0, *ff, y, which)  # the feedforward errors are zero
+            e = {1: a1 - ff[0], 2: a2 - ff[1]}
+            mu2 = ff[1]
+            if 1 in which:
+                g[1] = e[1] - (e[2] * (1 - mu2 ** 2)) @ self.W[1]
+            if 2 in which:
+                g[2] = g[2] + e[2]
+            return g
+
+        def update(u, x, e, dF_dx):
+            if not momentum:
+                return _strict_update(x, e, dF_dx, rate, clamp)
+            back = e - dF_dx
+            if clamp is not None:
+                back = back.clamp(-clamp, clamp)
+            g = e - back
+            v = g if u not in velocity else momentum * velocity[u] + g
+            velocity[u] = v
+            return x - rate * (g + momentum * v if nesterov else v)
+
+        def mu(u, parent):
+            return ff[u] if fpa else self.predict(u, parent)
+
         for _ in range(T):
             if schedule == "jacobi":
-                g = self.dF_dvalues(x0, x1, x2, y, (1, 2))
-                e1, e2 = x1 - self.predict(0, x0), x2 - self.predict(1, x1)
-                x1, x2 = (_strict_update(x1, e1, g[1], rate, clamp),
-                          _strict_update(x2, e2, g[2], rate, clamp))
+                g = grads(x1, x2, (1, 2))
+                e1, e2 = x1 - mu(0, x0), x2 - mu(1, x1)
+                x1, x2 = update(1, x1, e1, g[1]), update(2, x2, e2, g[2])
             else:  # top-down: x2 first, then x1 with the fresh x2
-                g2 = self.dF_dvalues(x0, x1, x2, y, (2,))[2]
-                x2 = _strict_update(x2, x2 - self.predict(1, x1), g2, rate, clamp)
-                g1 = self.dF_dvalues(x0, x1, x2, y, (1,))[1]
-                x1 = _strict_update(x1, x1 - self.predict(0, x0), g1, rate, clamp)
+                g2 = grads(x1, x2, (2,))[2]
+                x2 = update(2, x2, x2 - mu(1, x1), g2)
+                g1 = grads(x1, x2, (1,))[1]
+                x1 = update(1, x1, x1 - mu(0, x0), g1)
         return x1, x2
+
+    def fpa_weight_grads(self, x0, x1, x2, y) -> list[torch.Tensor]:
+        """FPA: each layer's gradient from its relaxed error and its feedforward input."""
+        n = x0.shape[0]
+        mu1 = self.predict(0, x0)
+        mu2 = self.predict(1, mu1)
+        mu3 = self.predict(2, mu2)
+        d3 = torch.softmax(mu3, 1) - F.one_hot(y, mu3.shape[1]).double()
+        d2 = -(x2 - mu2) * (1 - mu2 ** 2)
+        d1 = -(x1 - mu1) * (1 - mu1 ** 2)
+        grads = []
+        for d, inp in ((d1, x0), (d2, mu1), (d3, mu2)):
+            grads += [d.T @ inp / n, d.sum(0) / n]
+        return grads
 
     def weight_grads(self, x0, x1, x2, y) -> list[torch.Tensor]:
         """dF/dtheta / N at the relaxed values, in nn.Linear order (W1, b1, W2, b2, W3, b3)."""
@@ -222,6 +268,53 @@ def test_strict_pc_weight_grads_match_a_hand_written_mlp(schedule, rate, T, clam
     # The reported errors are those at the relaxed values.
     torch.testing.assert_close(result.errors["layer0"], x1 - hand.predict(0, x), **TOL)
     torch.testing.assert_close(result.errors["layer1"], x2 - hand.predict(1, x1), **TOL)
+
+
+@pytest.mark.parametrize("fpa", [False, True])
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+@pytest.mark.parametrize("momentum, nesterov, clamp", [(0.6, False, None), (0.8, True, None),
+                                                       (0.5, True, 0.05)])
+def test_state_momentum_matches_a_hand_written_mlp(fpa, schedule, momentum, nesterov, clamp):
+    """Heavy-ball and Nesterov steps on the values, strict PC and FPA, both schedules."""
+    layers, graph, x, y = _strict_mlp_case()
+    hand = _HandMLP(layers)
+    T, rate = 6, 0.3
+    x1, x2 = hand.relax(x, y, T, rate, schedule, clamp, momentum, nesterov, fpa=fpa)
+    weight_grads = hand.fpa_weight_grads if fpa else hand.weight_grads
+    want = weight_grads(x, x1, x2, y)
+    # The momentum matters: plain steps end elsewhere.
+    plain = weight_grads(x, *hand.relax(x, y, T, rate, schedule, clamp, fpa=fpa), y)
+    assert max(((a - b).norm() / b.norm()).item() for a, b in zip(want, plain)) > 1e-3
+    engine = PCEngine(graph, T=T, rate=rate, schedule=schedule, fpa=fpa, error_clamp=clamp,
+                      state_momentum=momentum, state_nesterov=nesterov)
+    engine.compute_gradients(x, y)
+    assert engine.last_backend == "reference"
+    got = [p.grad for lin in layers for p in (lin.weight, lin.bias)]
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, **TOL, msg=f"parameter {i}")
+
+
+def test_plain_fpa_hand_loop_matches_the_engine():
+    """The FPA form of the hand-written oracle itself agrees with the engine's plain steps."""
+    layers, graph, x, y = _strict_mlp_case()
+    hand = _HandMLP(layers)
+    want = hand.fpa_weight_grads(x, *hand.relax(x, y, 5, 0.4, "jacobi", None, fpa=True), y)
+    PCEngine(graph, T=5, rate=0.4, backend="reference").compute_gradients(x, y)
+    got = [p.grad for lin in layers for p in (lin.weight, lin.bias)]
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, **TOL, msg=f"parameter {i}")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"state_momentum": 1.0}, r"state_momentum must be in \[0, 1\)"),
+    ({"state_momentum": -0.1}, r"state_momentum must be in \[0, 1\)"),
+    ({"state_nesterov": True}, "state_nesterov=True needs state_momentum > 0"),
+    ({"state_momentum": 0.9, "backend": "fast"}, "backend='fast' runs plain state steps only"),
+])
+def test_state_momentum_options_are_checked(kwargs, match):
+    _, graph, _, _ = _strict_mlp_case()
+    with pytest.raises(ValueError, match=match):
+        PCEngine(graph, **kwargs)
 
 
 def test_strict_pc_is_not_fpa():

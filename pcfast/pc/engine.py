@@ -53,6 +53,12 @@ class PCEngine:
         backend_options: options of the fast backend: ``kernels`` (``"auto"``, ``"triton"``,
             ``"torch"``), ``cuda_graph`` (bool), ``autocast`` (bool); see
             :class:`pcfast.pc.backends.fast.FastBackend`. Unknown options raise a ValueError.
+        state_momentum: momentum ``m`` of the inference steps on the values (0: plain gradient
+            steps). Per node, with ``g = dF/dx_u`` (its propagated part clamped as above) and
+            ``v = 0`` at the start of a batch: ``v <- m v + g``; heavy-ball ``x_u <- x_u - rate
+            v``, Nesterov ``x_u <- x_u - rate (g + m v)`` (``torch.optim.SGD``'s convention).
+            Reference backend only for now (``auto`` picks it; ``fast`` raises).
+        state_nesterov: Nesterov momentum (needs ``state_momentum > 0``).
 
     Example::
 
@@ -63,7 +69,8 @@ class PCEngine:
     def __init__(self, graph: PCGraph, T: int = 100, rate: float = 0.5,
                  schedule: str = "jacobi", fpa: bool = True, output_loss: str = "ce",
                  error_clamp: float | None = None, backend: str = "auto",
-                 record_energy: bool = False, backend_options: dict | None = None) -> None:
+                 record_energy: bool = False, backend_options: dict | None = None,
+                 state_momentum: float = 0.0, state_nesterov: bool = False) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if output_loss not in OUTPUT_LOSSES:
@@ -74,11 +81,18 @@ class PCEngine:
             raise ValueError(f"rate must be positive, got {rate}")
         if error_clamp is not None and not error_clamp > 0:
             raise ValueError(f"error_clamp must be positive or None, got {error_clamp}")
+        if not 0.0 <= state_momentum < 1.0:
+            raise ValueError(f"state_momentum must be in [0, 1), got {state_momentum}")
+        if state_nesterov and state_momentum == 0.0:
+            raise ValueError("state_nesterov=True needs state_momentum > 0")
         if backend not in BACKENDS:
             raise ValueError(f"unknown PC backend {backend!r}; available: {BACKENDS}")
         if backend == "fast" and not fpa:
             raise ValueError("backend='fast' supports fpa=True only; "
                              "use backend='reference' for strict PC")
+        if backend == "fast" and state_momentum:
+            raise ValueError("backend='fast' runs plain state steps only (state_momentum=0); "
+                             "use backend='reference' (or 'auto') for state momentum")
         if backend == "reference" and backend_options:
             raise ValueError(f"backend_options {sorted(backend_options)} are options of the fast "
                              "backend; backend='reference' takes none")
@@ -91,6 +105,8 @@ class PCEngine:
         self.error_clamp = error_clamp
         self.backend = backend
         self.record_energy = record_energy
+        self.state_momentum = float(state_momentum)
+        self.state_nesterov = bool(state_nesterov)
         self.backend_options = dict(backend_options or {})
         self._reference = ReferenceBackend(graph)
         self._fast: PCBackend | None = None
@@ -107,7 +123,8 @@ class PCEngine:
         """The current options as the backends receive them."""
         return PCSettings(T=self.T, rate=self.rate, schedule=self.schedule, fpa=self.fpa,
                           output_loss=self.output_loss, error_clamp=self.error_clamp,
-                          record_energy=self.record_energy)
+                          record_energy=self.record_energy, state_momentum=self.state_momentum,
+                          state_nesterov=self.state_nesterov)
 
     # ----------------------------------------------------------------------------- public
     def step(self, x: torch.Tensor, y: torch.Tensor,

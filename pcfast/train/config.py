@@ -50,6 +50,8 @@ class TrainConfig:
     fpa: bool = True
     output_loss: str = "ce"
     error_clamp: float | None = None
+    state_momentum: float = 0.0
+    state_nesterov: bool = False
     pc_backend: str = "auto"
     # data
     data_dir: str | None = None

@@ -71,7 +71,9 @@ class PCRule(Rule):
 
         self.engine = PCEngine(model.pc_graph(), T=cfg.T, rate=cfg.rate, schedule=cfg.schedule,
                                fpa=cfg.fpa, output_loss=cfg.output_loss,
-                               error_clamp=cfg.error_clamp, backend=cfg.pc_backend)
+                               error_clamp=cfg.error_clamp, backend=cfg.pc_backend,
+                               state_momentum=cfg.state_momentum,
+                               state_nesterov=cfg.state_nesterov)
 
     def train_step(self, x, y, optimizer):
         self.model.train()

@@ -45,6 +45,8 @@ class PCSettings:
     output_loss: str = "ce"
     error_clamp: float | None = None
     record_energy: bool = False
+    state_momentum: float = 0.0
+    state_nesterov: bool = False
 
 
 @dataclass

@@ -118,6 +118,8 @@ class FastBackend(PCBackend):
     def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
         if not settings.fpa:
             return False, "the fast backend runs FPA only (fpa=False is strict PC)"
+        if settings.state_momentum:
+            return False, "the fast backend runs plain state steps only (state_momentum=0)"
         if not x.is_floating_point():
             return False, f"the fast backend needs a floating-point input, got {x.dtype}"
         needs_triton = self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
@@ -133,7 +135,8 @@ class FastBackend(PCBackend):
                           settings: PCSettings) -> PCResult:
         ok, why = self.can_use(x, settings)
         if not ok:
-            raise ValueError(why) if not settings.fpa else BackendUnavailable(why)
+            settings_issue = not settings.fpa or settings.state_momentum
+            raise ValueError(why) if settings_issue else BackendUnavailable(why)
         check_batch(self.graph, x, y)
         try:
             return self._run(x, y, settings)

@@ -43,6 +43,26 @@ def clamp(back: torch.Tensor, s: PCSettings) -> torch.Tensor:
     return back.clamp(-s.error_clamp, s.error_clamp)
 
 
+class StateSteps:
+    """The inference steps on one batch's values: plain gradient steps, or momentum.
+
+    ``update(name, x, g)`` returns the node's new value (or error, under FPA) for the gradient
+    ``g = dF/dx``: ``x - rate g`` without momentum; with momentum ``m`` a per-node velocity
+    ``v <- m v + g`` (``v = g`` at the first step) and ``x - rate v`` (heavy-ball) or
+    ``x - rate (g + m v)`` (Nesterov), as ``torch.optim.SGD`` does.
+    """
+
+    def __init__(self, s: PCSettings) -> None:
+        self.rate, self.m, self.nesterov = s.rate, s.state_momentum, s.state_nesterov
+        self.velocity: dict[str, torch.Tensor] = {}
+
+    def update(self, name: str, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        v = self.velocity.get(name)
+        v = g if v is None else self.m * v + g
+        self.velocity[name] = v
+        return x - self.rate * (g + self.m * v if self.nesterov else v)
+
+
 class ReferenceBackend(PCBackend):
     """FPA and strict PC on autograd; runs anything on any device.
 
@@ -90,19 +110,27 @@ class ReferenceBackend(PCBackend):
             # Nodes whose predictions depend on hidden values: they carry errors downwards.
             senders = [n.name for n in g.nodes if any(p != g.input_name for p in n.parents)]
             hidden_leaves = [leaves[name] for name in g.hidden]
+            steps = StateSteps(s)
+
+            def update(name: str, b: torch.Tensor) -> torch.Tensor:
+                # Under FPA mu is fixed, so the value step is the error step.
+                if not s.state_momentum:
+                    return relax(errors[name], b, s)
+                return steps.update(name, errors[name], errors[name] - clamp(b, s))
+
             for _ in range(s.T):
                 if s.schedule == "jacobi":
                     back = torch.autograd.grad([mus[v] for v in senders], hidden_leaves,
                                                [errors[v] for v in senders], retain_graph=True)
                     for name, b in zip(g.hidden, back):
-                        errors[name] = relax(errors[name], b, s)
+                        errors[name] = update(name, b)
                 else:
                     for name in reversed(g.hidden):
                         kids = g.children[name]
                         (b,) = torch.autograd.grad([mus[k.name] for k in kids], leaves[name],
                                                    [errors[k.name] for k in kids],
                                                    retain_graph=True)
-                        errors[name] = relax(errors[name], b, s)
+                        errors[name] = update(name, b)
                 if s.record_energy:
                     trace.append(hidden_energy(g, errors) + base_energy)
             params, grads = weight_grads(g, [mus[n.name] for n in g.nodes],
@@ -133,15 +161,16 @@ class ReferenceBackend(PCBackend):
         values = {name: ff[name].clone() for name in g.hidden}
         values[g.input_name] = x
         trace = []
+        steps = StateSteps(s)
         with torch.enable_grad(), frozen_running_stats(g.modules):
             if s.record_energy:
                 with torch.no_grad():
                     trace.append(self._strict_energy(values, self._predict(values), y, s))
             for _ in range(s.T):
                 if s.schedule == "jacobi":
-                    self._strict_jacobi_step(values, y, s)
+                    self._strict_jacobi_step(values, y, s, steps)
                 else:
-                    self._strict_sequential_sweep(values, y, s)
+                    self._strict_sequential_sweep(values, y, s, steps)
                 if s.record_energy:
                     with torch.no_grad():
                         trace.append(self._strict_energy(values, self._predict(values), y, s))
@@ -157,12 +186,14 @@ class ReferenceBackend(PCBackend):
         return make_result(logits, y, ff_loss, energy.detach(), errors, trace)
 
     @staticmethod
-    def _strict_update(value: torch.Tensor, e: torch.Tensor, grad: torch.Tensor,
-                       s: PCSettings) -> torch.Tensor:
+    def _strict_update(name: str, value: torch.Tensor, e: torch.Tensor, grad: torch.Tensor,
+                       s: PCSettings, steps: StateSteps) -> torch.Tensor:
         back = e - grad  # dF/dx_u = e_u - sum_v J_vu^T e_v
+        if s.state_momentum:
+            return steps.update(name, value, e - clamp(back, s))
         return value - s.rate * (e - clamp(back, s))
 
-    def _strict_jacobi_step(self, values, y, s: PCSettings) -> None:
+    def _strict_jacobi_step(self, values, y, s: PCSettings, steps: StateSteps) -> None:
         g = self.graph
         leaves = {k: (v if k == g.input_name else v.detach().requires_grad_(True))
                   for k, v in values.items()}
@@ -171,9 +202,9 @@ class ReferenceBackend(PCBackend):
         grads = torch.autograd.grad(energy, [leaves[n] for n in g.hidden])
         for name, grad in zip(g.hidden, grads):
             e = (values[name] - mus[name]).detach()
-            values[name] = self._strict_update(values[name], e, grad, s).detach()
+            values[name] = self._strict_update(name, values[name], e, grad, s, steps).detach()
 
-    def _strict_sequential_sweep(self, values, y, s: PCSettings) -> None:
+    def _strict_sequential_sweep(self, values, y, s: PCSettings, steps: StateSteps) -> None:
         g = self.graph
         for name in reversed(g.hidden):
             leaf = values[name].detach().requires_grad_(True)
@@ -184,4 +215,4 @@ class ReferenceBackend(PCBackend):
             energy = self._strict_energy(local, mus, y, s)
             (grad,) = torch.autograd.grad(energy, leaf)
             e = (values[name] - mus[name]).detach()
-            values[name] = self._strict_update(values[name], e, grad, s).detach()
+            values[name] = self._strict_update(name, values[name], e, grad, s, steps).detach()
