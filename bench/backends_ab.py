@@ -23,16 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, print_table, write_result  # noqa: E402
+from bench.common import environment, print_table, sync, write_result  # noqa: E402
 from pcfast.models import build_model  # noqa: E402
 from pcfast.pc import PCEngine  # noqa: E402
 
 BACKENDS = ("reference", "fast")
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_ab(model_name: str, T: int, x: torch.Tensor, y: torch.Tensor, repeats: int
@@ -48,10 +44,10 @@ def time_ab(model_name: str, T: int, x: torch.Tensor, y: torch.Tensor, repeats: 
     times: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for _ in range(repeats):
         for backend, engine in engines.items():
-            _sync(x.device)
+            sync(x.device)
             t0 = time.perf_counter()
             engine.compute_gradients(x, y)
-            _sync(x.device)
+            sync(x.device)
             times[backend].append(time.perf_counter() - t0)
     return times
 

@@ -115,6 +115,12 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, rep: int = 10,
     return _quantiles(samples)
 
 
+def sync(device: str | torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); a no-op on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_cuda(fn: Callable[[], Any], warmup: int, rep: int) -> dict[str, float]:
     # do_bench takes warm-up and repetition budgets in milliseconds; callers here ask for call
     # counts, so time each call with CUDA events after flushing L2 as do_bench does.

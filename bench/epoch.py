@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, print_table, write_result  # noqa: E402
+from bench.common import environment, print_table, sync, write_result  # noqa: E402
 from bench.naive_pc import (  # noqa: E402
     NaivePC,
     make_uint8_dataset,
@@ -85,20 +85,16 @@ def make_trainer(mode: str, T: int, device: torch.device, fast_options: dict):
     return (lambda x, y: engine.step(x, y, opt)), net
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def time_batches(step, batches, n: int, device: torch.device) -> list[float]:
     """Seconds per batch for ``n`` batches after one warm-up batch (data loading included)."""
     step(*next(batches))
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         step(*next(batches))
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 

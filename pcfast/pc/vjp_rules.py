@@ -28,6 +28,7 @@ not capturable: the fast backend then runs the steps eagerly instead of in a CUD
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,7 +48,7 @@ ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.S
                nn.ReLU6, nn.Hardtanh)
 
 
-class Rule:
+class Rule(ABC):
     """Input-VJP of one node over tensors saved from its feedforward pass.
 
     ``saved`` holds every per-batch tensor the VJP reads; ``signature`` describes everything
@@ -61,8 +62,9 @@ class Rule:
         self.signature = signature
         self.saved = saved
 
+    @abstractmethod
     def vjp(self, e: torch.Tensor) -> list[torch.Tensor | None]:
-        raise NotImplementedError
+        """``J_i^T e`` for every input ``i`` (None where the input receives no error)."""
 
     def fused(self, e: torch.Tensor, finish: dict[int, tuple], rate: float,
               clamp: float | None) -> list[torch.Tensor | None] | None:

@@ -115,11 +115,19 @@ class FastBackend(PCBackend):
         return cls(graph, **options)
 
     # ------------------------------------------------------------------------ selection
-    def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
+    @staticmethod
+    def unsupported(settings: PCSettings) -> str | None:
+        """Why the fast backend does not run these settings at all (None if it does)."""
         if not settings.fpa:
-            return False, "the fast backend runs FPA only (fpa=False is strict PC)"
+            return "the fast backend runs FPA only (fpa=False is strict PC)"
         if settings.state_momentum:
-            return False, "the fast backend runs plain state steps only (state_momentum=0)"
+            return "the fast backend runs plain state steps only (state_momentum=0)"
+        return None
+
+    def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
+        why = self.unsupported(settings)
+        if why is not None:
+            return False, why
         if not x.is_floating_point():
             return False, f"the fast backend needs a floating-point input, got {x.dtype}"
         needs_triton = self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
@@ -135,8 +143,8 @@ class FastBackend(PCBackend):
                           settings: PCSettings) -> PCResult:
         ok, why = self.can_use(x, settings)
         if not ok:
-            settings_issue = not settings.fpa or settings.state_momentum
-            raise ValueError(why) if settings_issue else BackendUnavailable(why)
+            # Settings it never runs are the caller's error; anything else is unavailability.
+            raise ValueError(why) if self.unsupported(settings) else BackendUnavailable(why)
         check_batch(self.graph, x, y)
         try:
             return self._run(x, y, settings)
