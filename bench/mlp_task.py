@@ -22,10 +22,13 @@ Rows (all in one run, same device, same initial weights, same batches):
                              cannot compile here)
 ``hand-fpa-eager``           :func:`hand_fpa_grads`, eager
 ``hand-fpa-compile``         the same under ``torch.compile``
+``pcfast-ipc-reference``     ``PCEngine(fpa=False, ipc=True)``: incremental PC, one Adam step
+                             per inference step (T per batch)
+``hand-ipc-eager``           :func:`hand_ipc_step`, closed-form iPC, eager
 ===========================  ==============================================================
 
-The ratio column is each row's time over the hand-written EAGER loop of the same math (strict or
-FPA). The hand-written loops implement exactly the engine's math (``tests/test_mlp_task.py``
+The ratio column is each row's time over the hand-written EAGER loop of the same math (strict,
+FPA or iPC). The hand-written loops implement exactly the engine's math (``tests/test_mlp_task.py``
 checks their weight gradients against ``PCEngine(backend="reference")`` in float64, and every run
 re-checks it on a small float64 batch before timing):
 
@@ -68,7 +71,8 @@ from bench.common import environment, print_table, write_result  # noqa: E402
 from pcfast.pc import PCEngine, sequential_graph  # noqa: E402
 
 ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-fast", "pcfast-fpa-reference",
-        "hand-strict-eager", "hand-strict-compile", "hand-fpa-eager", "hand-fpa-compile")
+        "pcfast-ipc-reference", "hand-strict-eager", "hand-strict-compile", "hand-fpa-eager",
+        "hand-fpa-compile", "hand-ipc-eager")
 SIZES = (784, 256, 256, 10)
 
 
@@ -127,6 +131,40 @@ def hand_fpa_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Ten
     return grads
 
 
+def _strict_terms(Ws, bs, v, target, mu1=None):
+    """At values ``v`` (``v[0] = x``): the hidden errors ``eps_l = v_l - mu_l`` and the error at
+    each node's pre-activation ``g_l = eps_l * tanh'(a_l)`` (``g_{L+1}``: the output's
+    ``onehot - logits``). ``mu1`` (depends on the clamped input only) may be passed in."""
+    L = len(Ws) - 1
+    if mu1 is None:
+        mu1 = torch.tanh(torch.addmm(bs[0], v[0], Ws[0].t()))
+    mu = [None, mu1] + [torch.tanh(torch.addmm(bs[l], v[l], Ws[l].t())) for l in range(1, L)]
+    eps = [None] + [v[l] - mu[l] for l in range(1, L + 1)]
+    eps_out = target - torch.addmm(bs[L], v[L], Ws[L].t())
+    g = [None] + [eps[l] * (1 - mu[l] * mu[l]) for l in range(1, L + 1)] + [eps_out]
+    return eps, g
+
+
+def _strict_step(Ws, v, eps, g, rate):
+    """All hidden values at once: ``v_l <- v_l - rate (eps_l - g_{l+1} W_l)``."""
+    L = len(Ws) - 1
+    return [v[0]] + [v[l] - rate * (eps[l] - g[l + 1] @ Ws[l]) for l in range(1, L + 1)]
+
+
+def _strict_weight_grads(v, g, n):
+    grads: list[torch.Tensor] = []
+    for l in range(len(v)):
+        grads += [-(g[l + 1].t() @ v[l]) / n, -g[l + 1].sum(0) / n]
+    return grads
+
+
+def _feedforward(Ws, bs, x):
+    v = [x]
+    for W, b in zip(Ws[:-1], bs[:-1]):
+        v.append(torch.tanh(torch.addmm(b, v[-1], W.t())))
+    return v
+
+
 def hand_strict_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, T: int,
                       rate: float) -> list[torch.Tensor]:
     """Strict PC on a tanh MLP with squared-error output; returns ``[dW0, db0, dW1, db1, ...]``.
@@ -138,30 +176,33 @@ def hand_strict_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.
     ``mu_1`` depends on the clamped input only and is computed once.
     """
     Ws, bs = list(params[0::2]), list(params[1::2])
-    L = len(Ws) - 1
-    n = x.shape[0]
-    v = [x]
-    for W, b in zip(Ws[:-1], bs[:-1]):
-        v.append(torch.tanh(torch.addmm(b, v[-1], W.t())))
+    v = _feedforward(Ws, bs, x)
     target = F.one_hot(y, Ws[-1].shape[0]).to(x.dtype)
     mu1 = v[1]
-
-    def predict(v: list[torch.Tensor]):
-        mu = [None, mu1] + [torch.tanh(torch.addmm(bs[l], v[l], Ws[l].t())) for l in range(1, L)]
-        eps = [None] + [v[l] - mu[l] for l in range(1, L + 1)]
-        eps_out = target - torch.addmm(bs[L], v[L], Ws[L].t())
-        # error at each child's pre-activation, eps_{l+1} * tanh'(a_{l+1}); the output is linear
-        g = [None] + [eps[l] * (1 - mu[l] * mu[l]) for l in range(1, L + 1)] + [eps_out]
-        return eps, g
-
     for _ in range(T):
-        eps, g = predict(v)
-        v = [x] + [v[l] - rate * (eps[l] - g[l + 1] @ Ws[l]) for l in range(1, L + 1)]
-    _, g = predict(v)
-    grads: list[torch.Tensor] = []
-    for l in range(L + 1):
-        grads += [-(g[l + 1].t() @ v[l]) / n, -g[l + 1].sum(0) / n]
-    return grads
+        eps, g = _strict_terms(Ws, bs, v, target, mu1)
+        v = _strict_step(Ws, v, eps, g, rate)
+    _, g = _strict_terms(Ws, bs, v, target, mu1)
+    return _strict_weight_grads(v, g, x.shape[0])
+
+
+def hand_ipc_step(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
+                  x: torch.Tensor, y: torch.Tensor, T: int, rate: float) -> None:
+    """Incremental PC on the same MLP: ``T`` steps, each taking the weight gradient and the
+    value step at the same point, then ``optimizer.step()`` (``T`` weight steps per batch).
+    ``mu_1`` is recomputed every step (its weights move)."""
+    Ws, bs = list(params[0::2]), list(params[1::2])
+    with torch.no_grad():
+        v = _feedforward(Ws, bs, x)
+    target = F.one_hot(y, Ws[-1].shape[0]).to(x.dtype)
+    for _ in range(T):
+        with torch.no_grad():
+            eps, g = _strict_terms(Ws, bs, v, target)
+            grads = _strict_weight_grads(v, g, x.shape[0])
+            v = _strict_step(Ws, v, eps, g, rate)
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        optimizer.step()
 
 
 HAND = {"strict": hand_strict_grads, "fpa": hand_fpa_grads}
@@ -175,6 +216,11 @@ class HandLoop:
                  compile_: bool) -> None:
         self.params = flat_params(layers)
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.ipc = (T, rate) if math_ == "ipc" else None
+        if self.ipc:
+            if compile_:
+                raise ValueError("the hand-written iPC loop has no torch.compile row")
+            return
         fn = HAND[math_]
 
         def grads(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -184,6 +230,9 @@ class HandLoop:
             torch.compile(grads, dynamic=False) if compile_ else grads)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.ipc:
+            hand_ipc_step(self.params, self.optimizer, x, y, *self.ipc)
+            return
         with torch.no_grad():
             gs = self.grads(x, y)
         for p, gr in zip(self.params, gs):
@@ -194,11 +243,11 @@ class HandLoop:
 class EngineLoop:
     """One training step of pcfast: ``PCEngine.step`` (relax, local gradients, Adam)."""
 
-    def __init__(self, layers: Sequence[nn.Module], fpa: bool, backend: str, T: int, rate: float,
-                 lr: float) -> None:
+    def __init__(self, layers: Sequence[nn.Module], math_: str, backend: str, T: int,
+                 rate: float, lr: float) -> None:
         graph = sequential_graph(list(layers), [f"fc{i}" for i in range(len(layers))])
-        self.engine = PCEngine(graph, T=T, rate=rate, schedule="jacobi", fpa=fpa,
-                               output_loss="mse", backend=backend)
+        self.engine = PCEngine(graph, T=T, rate=rate, schedule="jacobi", fpa=math_ == "fpa",
+                               ipc=math_ == "ipc", output_loss="mse", backend=backend)
         self.optimizer = torch.optim.Adam(graph.parameters(), lr=lr)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -206,14 +255,14 @@ class EngineLoop:
 
 
 def row_math(row: str) -> str:
-    return "strict" if "strict" in row else "fpa"
+    return "strict" if "strict" in row else "ipc" if "ipc" in row else "fpa"
 
 
 def build_row(row: str, layers: Sequence[nn.Module], T: int, rate: float, lr: float):
     if row.startswith("hand-"):
         return HandLoop(layers, row_math(row), T, rate, lr, compile_=row.endswith("compile"))
-    return EngineLoop(layers, fpa=row_math(row) == "fpa", backend=row.rsplit("-", 1)[1], T=T,
-                      rate=rate, lr=lr)
+    return EngineLoop(layers, row_math(row), backend=row.rsplit("-", 1)[1], T=T, rate=rate,
+                      lr=lr)
 
 
 # ---------------------------------------------------------------------------- correctness check
@@ -225,12 +274,22 @@ def max_rel_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
 def check_against_engine(math_: str, T: int, rate: float, batch: int = 8,
                          sizes: Sequence[int] = SIZES, seed: int = 0) -> float:
     """Max relative difference (float64, CPU) between the hand-written loop's weight gradients and
-    ``PCEngine(backend="reference")``'s for ``math_`` in ``("strict", "fpa")``."""
+    ``PCEngine(backend="reference")``'s for ``math_`` in ``("strict", "fpa")``; for ``"ipc"``
+    between the weights after one batch (Adam, lr 1e-2) of both."""
     layers = make_layers(sizes, seed=seed, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, sizes[0], generator=g, dtype=torch.float64)
     y = torch.randint(0, sizes[-1], (batch,), generator=g)
     params = flat_params(layers)
+    if math_ == "ipc":
+        hand_layers = copy.deepcopy(layers)
+        hand_params = flat_params(hand_layers)
+        hand_ipc_step(hand_params, torch.optim.Adam(hand_params, lr=1e-2), x, y, T, rate)
+        EngineLoop(layers, "ipc", "reference", T, rate, 1e-2)(x, y)
+        moved = max_rel_diff(params, flat_params(make_layers(sizes, seed, torch.float64)))
+        if not moved > 1e-6:
+            raise AssertionError("iPC check: the weights did not move")
+        return max_rel_diff([p.detach() for p in hand_params], [p.detach() for p in params])
     with torch.no_grad():
         hand = HAND[math_](params, x, y, T, rate)
     graph = sequential_graph(layers)
@@ -337,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.threads is not None:
         torch.set_num_threads(ns.threads)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    checks = {m: check_against_engine(m, ns.T, ns.rate) for m in ("strict", "fpa")}
+    checks = {m: check_against_engine(m, ns.T, ns.rate) for m in ("strict", "fpa", "ipc")}
     if any(not math.isfinite(v) or v > 1e-9 for v in checks.values()):
         raise SystemExit(f"the hand-written loop no longer matches PCEngine(reference): {checks}")
     results = run(ns.rows, device, ns.T, ns.batch_size, ns.rate, ns.lr, ns.warmup, ns.batches,
@@ -347,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
           f"rate {ns.rate}, jacobi, Adam {ns.lr}; best of {ns.repeats} x {ns.batches} batches "
           f"after {ns.warmup} warm-up; {env['device_name']}")
     print(f"hand-written vs PCEngine(reference) weight gradients, float64: max rel diff "
-          f"strict {checks['strict']:.1e}, fpa {checks['fpa']:.1e}")
+          f"strict {checks['strict']:.1e}, fpa {checks['fpa']:.1e}; iPC weights after one batch "
+          f"{checks['ipc']:.1e}")
     print_table(results, ["row", "math", "ms_per_batch", "x_hand_eager", "status"])
     config = {"sizes": SIZES, "activation": "tanh", "output_loss": "mse", "batch_size": ns.batch_size,
               "T": ns.T, "rate": ns.rate, "schedule": "jacobi", "optimizer": "adam", "lr": ns.lr,

@@ -45,6 +45,8 @@ HELP = {
     "state_momentum": "momentum of the PC inference steps on the values (0: plain steps; "
                       "reference backend)",
     "state_nesterov": "Nesterov momentum for the PC inference steps",
+    "ipc": "incremental PC: strict PC whose weights take an optimizer step at every inference "
+           "step (needs --no-fpa; reference backend)",
     "pc_backend": "PC engine backend: auto (fast on CUDA under FPA, else reference), fast, reference",
     "data_dir": "folder holding cifar-10-batches-py (default: $PCFAST_CIFAR10_DIR, ~/.cache/pcfast)",
     "download": "download CIFAR-10 through torchvision when no copy is found",
@@ -215,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--epochs", type=int, default=None, help="override the epochs of every run")
     exp.add_argument("--iterations", type=int, default=None,
                      help="override the optimizer steps of every run")
+    exp.add_argument("--train-subset", type=int, default=None, metavar="N",
+                     help="train every run on the first N training images")
+    exp.add_argument("--nets", nargs="+", default=None,
+                     help="pc-vs-bp only: the nets to train (default: cnn rescnn)")
     exp.add_argument("--device", default="auto")
     exp.add_argument("--data-dir", default=None)
     exp.add_argument("--allow-unofficial-data", action="store_true")

@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.common as common  # noqa: E402
 from bench.mlp_task import (  # noqa: E402
     HAND,
+    EngineLoop,
     flat_params,
     hand_fpa_grads,
+    hand_ipc_step,
     hand_strict_grads,
     main,
     make_layers,
@@ -79,6 +81,26 @@ def test_strict_and_fpa_differ_so_the_check_can_fail():
     torch.testing.assert_close(fpa[0], engine_fpa[0], rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize(("sizes", "T", "rate"), [(SMALL, 5, 0.3), ((20, 16, 16, 16, 5), 3, 0.6)])
+def test_hand_written_ipc_equals_the_engine_over_batches(sizes, T, rate):
+    """iPC: the weights after several batches of T Adam steps each, hand loop vs engine."""
+    import copy
+
+    layers = make_layers(sizes, seed=1, dtype=torch.float64)
+    start = [p.detach().clone() for p in flat_params(layers)]
+    hand_params = flat_params(copy.deepcopy(layers))
+    hand_opt = torch.optim.Adam(hand_params, lr=1e-2)
+    engine = EngineLoop(layers, "ipc", "reference", T, rate, 1e-2)
+    for i in range(3):
+        x, y = _batch(sizes, seed=10 + i)
+        hand_ipc_step(hand_params, hand_opt, x, y, T, rate)
+        engine(x, y)
+    for h, e, s0 in zip(hand_params, flat_params(layers), start):
+        torch.testing.assert_close(h.detach(), e.detach(), rtol=1e-10, atol=1e-13)
+        assert (e - s0).abs().max() > 1e-3  # every tensor moved (3 x T Adam steps)
+    assert int(engine.optimizer.state[flat_params(layers)[0]]["step"]) == 3 * T
+
+
 def test_fpa_rate_one_is_backprop_of_the_squared_error():
     layers = make_layers(SMALL, seed=2, dtype=torch.float64)
     x, y = _batch(SMALL)
@@ -96,7 +118,8 @@ def test_fpa_rate_one_is_backprop_of_the_squared_error():
 
 def test_benchmark_rows_run_and_report(monkeypatch, tmp_path):
     rows = ["pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-reference",
-            "pcfast-fpa-fast", "hand-strict-eager", "hand-fpa-eager"]
+            "pcfast-fpa-fast", "pcfast-ipc-reference", "hand-strict-eager", "hand-fpa-eager",
+            "hand-ipc-eager"]
     results = run(rows, torch.device("cpu"), T=2, batch_size=4, rate=0.1, lr=1e-3, warmup=1, n=1,
                   repeats=2)
     by = {r["row"]: r for r in results}
@@ -109,6 +132,7 @@ def test_benchmark_rows_run_and_report(monkeypatch, tmp_path):
         assert r["status"] == "ok" and len(r["repeats_ms"]) == 2
         assert r["ms_per_batch"] == min(r["repeats_ms"]) > 0
     assert by["hand-fpa-eager"]["x_hand_eager"] == 1.0
+    assert by["hand-ipc-eager"]["x_hand_eager"] == 1.0 and by["pcfast-ipc-reference"]["math"] == "ipc"
     assert by["pcfast-fpa-reference"]["backend_ran"] == "reference"
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)

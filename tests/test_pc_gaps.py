@@ -20,6 +20,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _hand_mlp import HandMLP, strict_mlp_case, strict_update
+from _nets import randomize_batchnorm
 from torch import nn
 
 from pcfast.models.layers import AddReLU
@@ -35,12 +37,7 @@ def _two_block_resdualnet() -> ResDualNet:
     net = ResDualNet(num_classes=4, stem_channels=4, stages=((4, 1), (8, 2)),
                      blocks_per_stage=2).double()
     # Non-trivial BatchNorm affine parameters, so every path carries a distinct signal.
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return net
+    return randomize_batchnorm(net)
 
 
 def _image_batch(i: int, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,134 +124,11 @@ def test_fast_equals_reference_step_for_step_with_add_merges(schedule, T, kernel
 
 
 # --------------------------------------------------------------- 2. strict PC, by hand
-def _strict_update(x: torch.Tensor, e: torch.Tensor, dF_dx: torch.Tensor, rate: float,
-                   clamp: float | None) -> torch.Tensor:
-    """``x <- x - rate * (e - clamp(e - dF/dx))``; ``e - dF/dx = sum_v J_vu^T e_v``."""
-    back = e - dF_dx
-    if clamp is not None:
-        back = back.clamp(-clamp, clamp)
-    return x - rate * (e - back)
-
-
-class _HandMLP:
-    """``x -> tanh(W1 x + b1) -> tanh(W2 . + b2) -> W3 . + b3`` (CE output), every derivative
-    in closed form. Rows are samples: ``a = x @ W.T + b``."""
-
-    def __init__(self, layers: list[nn.Linear]) -> None:
-        self.W = [lin.weight.detach().clone() for lin in layers]
-        self.b = [lin.bias.detach().clone() for lin in layers]
-
-    def predict(self, u: int, parent: torch.Tensor) -> torch.Tensor:
-        a = parent @ self.W[u].T + self.b[u]
-        return a if u == 2 else torch.tanh(a)
-
-    def dF_dvalues(self, x0, x1, x2, y, which: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        """dF/dx_u for the hidden values ``x1`` (u=1) and ``x2`` (u=2), all at given values."""
-        mu1, mu2, mu3 = self.predict(0, x0), self.predict(1, x1), self.predict(2, x2)
-        e1, e2 = x1 - mu1, x2 - mu2
-        d_out = torch.softmax(mu3, 1) - F.one_hot(y, mu3.shape[1]).double()  # dCE_sum/dmu3
-        out = {}
-        if 1 in which:  # e1 - J_21^T e2, J_21 = diag(1 - mu2^2) W2
-            out[1] = e1 - (e2 * (1 - mu2 ** 2)) @ self.W[1]
-        if 2 in which:  # e2 + W3^T dCE/dmu3
-            out[2] = e2 + d_out @ self.W[2]
-        return out
-
-    def relax(self, x0, y, T: int, rate: float, schedule: str, clamp: float | None,
-              momentum: float = 0.0, nesterov: bool = False, fpa: bool = False):
-        """Strict PC (or FPA: predictions, Jacobians and the output error frozen at the
-        feedforward values), plain steps or momentum on the values."""
-        x1 = self.predict(0, x0)
-        x2 = self.predict(1, x1)
-        ff = (x1, x2)
-        velocity: dict[int, torch.Tensor] = {}
-
-        def grads(a1, a2, which):
-            if not fpa:
-                return self.dF_dvalues(x0, a1, a2, y, which)
-            # FPA: dF/dx_u = e_u - J^T e_v with J and mu at the feedforward values.
-            g = self.dF_dvalues(x0, *ff, y, which)  # the feedforward errors are zero
-            e = {1: a1 - ff[0], 2: a2 - ff[1]}
-            mu2 = ff[1]
-            if 1 in which:
-                g[1] = e[1] - (e[2] * (1 - mu2 ** 2)) @ self.W[1]
-            if 2 in which:
-                g[2] = g[2] + e[2]
-            return g
-
-        def update(u, x, e, dF_dx):
-            if not momentum:
-                return _strict_update(x, e, dF_dx, rate, clamp)
-            back = e - dF_dx
-            if clamp is not None:
-                back = back.clamp(-clamp, clamp)
-            g = e - back
-            v = g if u not in velocity else momentum * velocity[u] + g
-            velocity[u] = v
-            return x - rate * (g + momentum * v if nesterov else v)
-
-        def mu(u, parent):
-            return ff[u] if fpa else self.predict(u, parent)
-
-        for _ in range(T):
-            if schedule == "jacobi":
-                g = grads(x1, x2, (1, 2))
-                e1, e2 = x1 - mu(0, x0), x2 - mu(1, x1)
-                x1, x2 = update(1, x1, e1, g[1]), update(2, x2, e2, g[2])
-            else:  # top-down: x2 first, then x1 with the fresh x2
-                g2 = grads(x1, x2, (2,))[2]
-                x2 = update(2, x2, x2 - mu(1, x1), g2)
-                g1 = grads(x1, x2, (1,))[1]
-                x1 = update(1, x1, x1 - mu(0, x0), g1)
-        return x1, x2
-
-    def fpa_weight_grads(self, x0, x1, x2, y) -> list[torch.Tensor]:
-        """FPA: each layer's gradient from its relaxed error and its feedforward input."""
-        n = x0.shape[0]
-        mu1 = self.predict(0, x0)
-        mu2 = self.predict(1, mu1)
-        mu3 = self.predict(2, mu2)
-        d3 = torch.softmax(mu3, 1) - F.one_hot(y, mu3.shape[1]).double()
-        d2 = -(x2 - mu2) * (1 - mu2 ** 2)
-        d1 = -(x1 - mu1) * (1 - mu1 ** 2)
-        grads = []
-        for d, inp in ((d1, x0), (d2, mu1), (d3, mu2)):
-            grads += [d.T @ inp / n, d.sum(0) / n]
-        return grads
-
-    def weight_grads(self, x0, x1, x2, y) -> list[torch.Tensor]:
-        """dF/dtheta / N at the relaxed values, in nn.Linear order (W1, b1, W2, b2, W3, b3)."""
-        n = x0.shape[0]
-        mu1, mu2, mu3 = self.predict(0, x0), self.predict(1, x1), self.predict(2, x2)
-        d3 = torch.softmax(mu3, 1) - F.one_hot(y, mu3.shape[1]).double()
-        d2 = -(x2 - mu2) * (1 - mu2 ** 2)  # dF/da2
-        d1 = -(x1 - mu1) * (1 - mu1 ** 2)  # dF/da1
-        grads = []
-        for d, inp in ((d1, x0), (d2, x1), (d3, x2)):
-            grads += [d.T @ inp / n, d.sum(0) / n]
-        return grads
-
-
-def _strict_mlp_case():
-    torch.manual_seed(3)
-    layers = [nn.Linear(5, 8), nn.Linear(8, 6), nn.Linear(6, 4)]
-    for lin in layers:
-        nn.init.normal_(lin.weight, std=0.7)
-        nn.init.normal_(lin.bias, std=0.3)
-    layers = [lin.double() for lin in layers]
-    graph = sequential_graph([nn.Sequential(layers[0], nn.Tanh()),
-                              nn.Sequential(layers[1], nn.Tanh()), layers[2]])
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 4, (7,), generator=g)
-    return layers, graph, x, y
-
-
 @pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
 @pytest.mark.parametrize("rate, T, clamp", [(0.3, 6, None), (0.7, 4, None), (0.5, 5, 0.05)])
 def test_strict_pc_weight_grads_match_a_hand_written_mlp(schedule, rate, T, clamp):
-    layers, graph, x, y = _strict_mlp_case()
-    hand = _HandMLP(layers)
+    layers, graph, x, y = strict_mlp_case()
+    hand = HandMLP(layers)
     x1, x2 = hand.relax(x, y, T, rate, schedule, clamp)
     want = hand.weight_grads(x, x1, x2, y)
     engine = PCEngine(graph, T=T, rate=rate, schedule=schedule, fpa=False, error_clamp=clamp,
@@ -276,8 +150,8 @@ def test_strict_pc_weight_grads_match_a_hand_written_mlp(schedule, rate, T, clam
                                                        (0.5, True, 0.05)])
 def test_state_momentum_matches_a_hand_written_mlp(fpa, schedule, momentum, nesterov, clamp):
     """Heavy-ball and Nesterov steps on the values, strict PC and FPA, both schedules."""
-    layers, graph, x, y = _strict_mlp_case()
-    hand = _HandMLP(layers)
+    layers, graph, x, y = strict_mlp_case()
+    hand = HandMLP(layers)
     T, rate = 6, 0.3
     x1, x2 = hand.relax(x, y, T, rate, schedule, clamp, momentum, nesterov, fpa=fpa)
     weight_grads = hand.fpa_weight_grads if fpa else hand.weight_grads
@@ -296,8 +170,8 @@ def test_state_momentum_matches_a_hand_written_mlp(fpa, schedule, momentum, nest
 
 def test_plain_fpa_hand_loop_matches_the_engine():
     """The FPA form of the hand-written oracle itself agrees with the engine's plain steps."""
-    layers, graph, x, y = _strict_mlp_case()
-    hand = _HandMLP(layers)
+    layers, graph, x, y = strict_mlp_case()
+    hand = HandMLP(layers)
     want = hand.fpa_weight_grads(x, *hand.relax(x, y, 5, 0.4, "jacobi", None, fpa=True), y)
     PCEngine(graph, T=5, rate=0.4, backend="reference").compute_gradients(x, y)
     got = [p.grad for lin in layers for p in (lin.weight, lin.bias)]
@@ -312,14 +186,14 @@ def test_plain_fpa_hand_loop_matches_the_engine():
     ({"state_momentum": 0.9, "backend": "fast"}, "backend='fast' runs plain state steps only"),
 ])
 def test_state_momentum_options_are_checked(kwargs, match):
-    _, graph, _, _ = _strict_mlp_case()
+    _, graph, _, _ = strict_mlp_case()
     with pytest.raises(ValueError, match=match):
         PCEngine(graph, **kwargs)
 
 
 def test_strict_pc_is_not_fpa():
     """Recomputing predictions matters: the FPA engine's gradients differ from strict ones."""
-    layers, graph, x, y = _strict_mlp_case()
+    layers, graph, x, y = strict_mlp_case()
     PCEngine(graph, T=6, rate=0.5, fpa=False, backend="reference").compute_gradients(x, y)
     strict = [p.grad.clone() for p in graph.parameters()]
     for p in graph.parameters():
@@ -378,15 +252,15 @@ class _HandConvBN:
                 g1, g2 = self.dF_dx(x0, x1, x2, y, 1), self.dF_dx(x0, x1, x2, y, 2)
                 with torch.no_grad():
                     e1, e2 = x1 - self.predict(0, x0), x2 - self.predict(1, x1)
-                    x1, x2 = (_strict_update(x1, e1, g1, rate, None),
-                              _strict_update(x2, e2, g2, rate, None))
+                    x1, x2 = (strict_update(x1, e1, g1, rate, None),
+                              strict_update(x2, e2, g2, rate, None))
             else:
                 g2 = self.dF_dx(x0, x1, x2, y, 2)
                 with torch.no_grad():
-                    x2 = _strict_update(x2, x2 - self.predict(1, x1), g2, rate, None)
+                    x2 = strict_update(x2, x2 - self.predict(1, x1), g2, rate, None)
                 g1 = self.dF_dx(x0, x1, x2, y, 1)
                 with torch.no_grad():
-                    x1 = _strict_update(x1, x1 - self.predict(0, x0), g1, rate, None)
+                    x1 = strict_update(x1, x1 - self.predict(0, x0), g1, rate, None)
         return x1, x2
 
     def weight_grads(self, x0, x1, x2, y) -> list[torch.Tensor]:

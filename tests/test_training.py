@@ -48,6 +48,24 @@ def test_pc_rule_through_the_trainer_reports_energy(tmp_path):
     assert rows[-1]["test_acc"] > 0.3
 
 
+def test_ipc_trains_from_the_command_line_and_clips_every_weight_step(tmp_path, monkeypatch):
+    """``pcfast train --no-fpa --ipc``: T optimizer steps per batch, each clipped, and it learns."""
+    clips = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, c: clips.append(c) or real(params, c))
+    out = tmp_path / "ipc"
+    assert main(["train", "--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--synthetic",
+                 "--train-subset", "512", "--test-subset", "256", "--batch-size", "64",
+                 "--rule", "pc", "--no-fpa", "--ipc", "--T", "3", "--rate", "0.5",
+                 "--lr", "1e-3", "--grad-clip", "5", "--lr-schedule", "constant",
+                 "--epochs", "2", "--no-progress", "--out-dir", str(out)]) == 0
+    assert len(clips) == 2 * 8 * 3  # 2 epochs x 8 batches x T weight steps
+    rows = read_metrics(out / "metrics.jsonl")
+    assert json.loads((out / "config.json").read_text())["ipc"] is True
+    assert rows[-1]["test_acc"] > 0.3  # chance is 0.1
+
+
 @pytest.mark.parametrize("rule", ["bp", "pc"])
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, rule):
     extra = dict(rule=rule, T=2, rate=0.5)

@@ -3,8 +3,8 @@
 Backends (:mod:`pcfast.pc.backends`) share one small interface (``can_use(x, settings) ->
 (ok, reason)``, ``compute_gradients(x, y, settings)``) and never import this module:
 
-- ``"reference"``: plain PyTorch autograd (:class:`~pcfast.pc.backends.ReferenceBackend`), FPA
-  and strict PC, any device; the oracle of the tests;
+- ``"reference"``: plain PyTorch autograd (:class:`~pcfast.pc.backends.ReferenceBackend`), FPA,
+  strict PC and incremental PC (iPC), any device; the oracle of the tests;
 - ``"fast"``: explicit VJP rules, fused ops, CUDA graphs
   (:class:`~pcfast.pc.backends.fast.FastBackend`), FPA only;
 - ``"auto"``: the fast backend where it can run and is preferred (CUDA batches under FPA),
@@ -21,6 +21,7 @@ at once.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -59,6 +60,10 @@ class PCEngine:
             v``, Nesterov ``x_u <- x_u - rate (g + m v)`` (``torch.optim.SGD``'s convention).
             Reference backend only for now (``auto`` picks it; ``fast`` raises).
         state_nesterov: Nesterov momentum (needs ``state_momentum > 0``).
+        ipc: incremental PC (Salvatori et al., ICLR 2024): strict PC (needs ``fpa=False``) whose
+            weights take an optimizer step at EVERY inference step, from ``dF/dtheta`` at the
+            same point as the values' step (``T`` optimizer steps per batch). Train with
+            :meth:`step` and an optimizer; reference backend (``auto`` picks it).
 
     Example::
 
@@ -70,7 +75,8 @@ class PCEngine:
                  schedule: str = "jacobi", fpa: bool = True, output_loss: str = "ce",
                  error_clamp: float | None = None, backend: str = "auto",
                  record_energy: bool = False, backend_options: dict | None = None,
-                 state_momentum: float = 0.0, state_nesterov: bool = False) -> None:
+                 state_momentum: float = 0.0, state_nesterov: bool = False,
+                 ipc: bool = False) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if output_loss not in OUTPUT_LOSSES:
@@ -85,6 +91,11 @@ class PCEngine:
             raise ValueError(f"state_momentum must be in [0, 1), got {state_momentum}")
         if state_nesterov and state_momentum == 0.0:
             raise ValueError("state_nesterov=True needs state_momentum > 0")
+        if ipc and fpa:
+            raise ValueError("ipc=True is incremental PC, which recomputes the predictions every "
+                             "step as strict PC does: pass fpa=False with it")
+        if ipc and T < 1:
+            raise ValueError(f"ipc=True needs T >= 1 (one weight step per inference step), got {T}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown PC backend {backend!r}; available: {BACKENDS}")
         if backend == "fast" and not fpa:
@@ -107,6 +118,7 @@ class PCEngine:
         self.record_energy = record_energy
         self.state_momentum = float(state_momentum)
         self.state_nesterov = bool(state_nesterov)
+        self.ipc = bool(ipc)
         self.backend_options = dict(backend_options or {})
         self._reference = ReferenceBackend(graph)
         self._fast: PCBackend | None = None
@@ -124,21 +136,51 @@ class PCEngine:
         return PCSettings(T=self.T, rate=self.rate, schedule=self.schedule, fpa=self.fpa,
                           output_loss=self.output_loss, error_clamp=self.error_clamp,
                           record_energy=self.record_energy, state_momentum=self.state_momentum,
-                          state_nesterov=self.state_nesterov)
+                          state_nesterov=self.state_nesterov, ipc=self.ipc)
 
     # ----------------------------------------------------------------------------- public
     def step(self, x: torch.Tensor, y: torch.Tensor,
-             optimizer: torch.optim.Optimizer | None = None) -> PCResult:
-        """One PC training step: relax, write each parameter's ``.grad``, step the optimizer."""
+             optimizer: torch.optim.Optimizer | None = None,
+             before_step: Callable[[], None] | None = None) -> PCResult:
+        """One PC training step: relax, write each parameter's ``.grad``, step the optimizer.
+
+        ``before_step`` (e.g. gradient clipping) runs between the gradients and every optimizer
+        step. Under iPC the optimizer steps ``T`` times, once per inference step.
+        """
+        if self.ipc:
+            if optimizer is None:
+                raise ValueError("ipc=True updates the weights at every inference step: pass the "
+                                 "optimizer, engine.step(x, y, optimizer)")
+            return self._step_incremental(x, y, optimizer, before_step)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
         result = self.compute_gradients(x, y)
+        if before_step is not None:
+            before_step()
         if optimizer is not None:
             optimizer.step()
         return result
 
+    def _step_incremental(self, x, y, optimizer, before_step) -> PCResult:
+        settings = self.settings
+        backend = self.choose_backend(x, settings)
+        if backend is not self._reference:  # pragma: no cover - the fast backend declines iPC
+            raise AssertionError("iPC runs on the reference backend")
+        self.last_backend = backend.name
+
+        def weight_step() -> None:
+            if before_step is not None:
+                before_step()
+            optimizer.step()
+
+        optimizer.zero_grad(set_to_none=True)
+        return self._reference.run_incremental(x, y, settings, weight_step)
+
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> PCResult:
         """Relax the errors for ``(x, y)`` and accumulate the PC weight gradients into ``.grad``."""
+        if self.ipc:
+            raise ValueError("ipc=True updates the weights at every inference step, so there is "
+                             "no single gradient to return: use engine.step(x, y, optimizer)")
         settings = self.settings
         backend = self.choose_backend(x, settings)
         self.last_backend = backend.name

@@ -52,6 +52,7 @@ class TrainConfig:
     error_clamp: float | None = None
     state_momentum: float = 0.0
     state_nesterov: bool = False
+    ipc: bool = False
     pc_backend: str = "auto"
     # data
     data_dir: str | None = None

@@ -73,14 +73,11 @@ class PCRule(Rule):
                                fpa=cfg.fpa, output_loss=cfg.output_loss,
                                error_clamp=cfg.error_clamp, backend=cfg.pc_backend,
                                state_momentum=cfg.state_momentum,
-                               state_nesterov=cfg.state_nesterov)
+                               state_nesterov=cfg.state_nesterov, ipc=cfg.ipc)
 
     def train_step(self, x, y, optimizer):
         self.model.train()
-        optimizer.zero_grad(set_to_none=True)
-        result = self.engine.compute_gradients(x, y)
-        self.clip()
-        optimizer.step()
+        result = self.engine.step(x, y, optimizer, before_step=self.clip)
         return {"loss": result.loss, "accuracy": result.accuracy, "energy": result.energy}
 
 

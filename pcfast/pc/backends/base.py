@@ -47,6 +47,7 @@ class PCSettings:
     record_energy: bool = False
     state_momentum: float = 0.0
     state_nesterov: bool = False
+    ipc: bool = False
 
 
 @dataclass

@@ -11,9 +11,16 @@ Energy ``F = sum_v 1/2 ||x_v - mu_v||^2 + L(mu_out, y)`` (summed over the batch)
 Under the fixed prediction assumption (FPA) the predictions and Jacobians stay at their
 feedforward values: every inference step is ONE backward-data pass through a retained autograd
 graph. Strict PC recomputes the predictions from the current values every step.
+
+Incremental PC (iPC, Salvatori et al., ICLR 2024) is strict PC whose weights also take a step at
+every inference step (:meth:`ReferenceBackend.run_incremental`): each step computes ``dF/dx`` and
+``dF/dtheta`` at the same point ``(x_t, theta_t)``, moves the values and hands the weight
+gradient to the optimizer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -80,6 +87,8 @@ class ReferenceBackend(PCBackend):
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor,
                           settings: PCSettings) -> PCResult:
         check_batch(self.graph, x, y)
+        if settings.ipc:
+            raise ValueError("iPC moves the weights during inference: use run_incremental")
         if settings.fpa:
             return self._run_fpa(x, y, settings)
         return self._run_strict(x, y, settings)
@@ -151,12 +160,16 @@ class ReferenceBackend(PCBackend):
         out = output_energy(mus[g.output], y, s.output_loss) if g.output in mus else 0.0
         return hidden + out
 
-    def _run_strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
+    def _run_strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings,
+                    weight_step: Callable[[], None] | None = None) -> PCResult:
+        """Strict PC; with ``weight_step`` iPC (see :meth:`run_incremental`)."""
         g = self.graph
+        params = g.parameters()
+        n = x.shape[0]
         with torch.no_grad():
             ff = {g.input_name: x}
-            for n in g.nodes:  # the one feedforward pass that moves BatchNorm running stats
-                ff[n.name] = n.fn(*(ff[p] for p in n.parents))
+            for node in g.nodes:  # the one feedforward pass that moves BatchNorm running stats
+                ff[node.name] = node.fn(*(ff[p] for p in node.parents))
         logits = ff[g.output]
         values = {name: ff[name].clone() for name in g.hidden}
         values[g.input_name] = x
@@ -167,23 +180,57 @@ class ReferenceBackend(PCBackend):
                 with torch.no_grad():
                     trace.append(self._strict_energy(values, self._predict(values), y, s))
             for _ in range(s.T):
-                if s.schedule == "jacobi":
-                    self._strict_jacobi_step(values, y, s, steps)
+                if weight_step is None:
+                    self._strict_step(values, y, s, steps)
                 else:
-                    self._strict_sequential_sweep(values, y, s, steps)
+                    wgrads = self._strict_step(values, y, s, steps, params)
+                    for p in params:
+                        p.grad = None
+                    accumulate(params, wgrads, n)
+                    weight_step()
                 if s.record_energy:
                     with torch.no_grad():
                         trace.append(self._strict_energy(values, self._predict(values), y, s))
-            mus = self._predict(values)
-            energy = self._strict_energy(values, mus, y, s)
-            params = g.parameters()
-            grads = torch.autograd.grad(energy, params, allow_unused=True)
-        accumulate(params, grads, x.shape[0])
+            with torch.set_grad_enabled(weight_step is None):
+                mus = self._predict(values)
+                energy = self._strict_energy(values, mus, y, s)
+            if weight_step is None:
+                accumulate(params, torch.autograd.grad(energy, params, allow_unused=True), n)
         with torch.no_grad():
             errors = {name: values[name] - mus[name] for name in g.hidden}
             errors[g.output] = output_error(mus[g.output], y, s.output_loss)
         ff_loss = output_energy(logits, y, s.output_loss)
         return make_result(logits, y, ff_loss, energy.detach(), errors, trace)
+
+    def _strict_step(self, values, y, s: PCSettings, steps: StateSteps, params=()) -> tuple:
+        """One inference step (jacobi, or a sequential sweep) on ``values`` in place; returns
+        ``dF/dtheta`` for ``params`` at the step's starting point (empty without params)."""
+        if s.schedule == "jacobi":
+            return self._strict_jacobi_step(values, y, s, steps, params)
+        wgrads: tuple = ()
+        if params:
+            g = self.graph
+            leaves = {k: v if k == g.input_name else v.detach() for k, v in values.items()}
+            energy = self._strict_energy(leaves, self._predict(leaves), y, s)
+            wgrads = torch.autograd.grad(energy, params, allow_unused=True)
+        self._strict_sequential_sweep(values, y, s, steps)
+        return wgrads
+
+    # ------------------------------------------------------------------------------ iPC
+    def run_incremental(self, x: torch.Tensor, y: torch.Tensor, settings: PCSettings,
+                        weight_step: Callable[[], None]) -> PCResult:
+        """iPC on one batch: ``T`` steps, each moving the values and the weights together.
+
+        Values start at the feedforward pass (which alone moves the BatchNorm running
+        statistics). Step ``t``: ``dF/dx`` and ``dF/dtheta`` at ``(x_t, theta_t)``; the values
+        take their step (jacobi: all at once; sequential: a top-down sweep starting from the
+        same point); every parameter's ``.grad`` is set to ``dF/dtheta / N``; then
+        ``weight_step()`` (the front's optimizer step) moves the weights. ``.grad`` holds the
+        last step's gradient afterwards. The result's errors and energy are those at the final
+        values and weights; ``loss``/``accuracy`` are the feedforward pass's.
+        """
+        check_batch(self.graph, x, y)
+        return self._run_strict(x, y, settings, weight_step)
 
     @staticmethod
     def _strict_update(name: str, value: torch.Tensor, e: torch.Tensor, grad: torch.Tensor,
@@ -193,16 +240,21 @@ class ReferenceBackend(PCBackend):
             return steps.update(name, value, e - clamp(back, s))
         return value - s.rate * (e - clamp(back, s))
 
-    def _strict_jacobi_step(self, values, y, s: PCSettings, steps: StateSteps) -> None:
+    def _strict_jacobi_step(self, values, y, s: PCSettings, steps: StateSteps,
+                            params=()) -> tuple:
+        """One jacobi step on ``values`` (in place); returns ``dF/dtheta`` for ``params`` at
+        the step's starting point (same autograd pass; empty without params)."""
         g = self.graph
         leaves = {k: (v if k == g.input_name else v.detach().requires_grad_(True))
                   for k, v in values.items()}
         mus = self._predict(leaves)
         energy = self._strict_energy(leaves, mus, y, s)
-        grads = torch.autograd.grad(energy, [leaves[n] for n in g.hidden])
+        hidden = [leaves[n] for n in g.hidden]
+        grads = torch.autograd.grad(energy, hidden + list(params), allow_unused=True)
         for name, grad in zip(g.hidden, grads):
             e = (values[name] - mus[name]).detach()
             values[name] = self._strict_update(name, values[name], e, grad, s, steps).detach()
+        return grads[len(hidden):]
 
     def _strict_sequential_sweep(self, values, y, s: PCSettings, steps: StateSteps) -> None:
         g = self.graph
