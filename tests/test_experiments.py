@@ -41,9 +41,11 @@ RUNS = {
     "model-zoo": ["mlp", "cnn", "rescnn", "mixer-p4-c128", "mixer-p2-c128", "mixer-p4-c192",
                   "mixer-p2-c192"],
     "resnet18-34": ["resnet18", "resnet34"],
+    "pc-vs-bp": [f"{net}-{rule}-s{seed}" for net in ("cnn", "rescnn")
+                 for rule in ("bp", "fpa", "strict") for seed in (0, 1)],
 }
 PLOTS = {"resnet-depth": "degradation.png", "preprocessing": "curves.png",
-         "model-zoo": "curves.png", "resnet18-34": "curves.png"}
+         "model-zoo": "curves.png", "resnet18-34": "curves.png", "pc-vs-bp": "curves.png"}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -65,6 +67,12 @@ def test_quick_experiment_end_to_end(name, tmp_path):
         for paper in ("8.75", "7.51", "7.17", "6.97"):
             assert f"| {paper} |" in summary
         assert set(results) == {"plain", "resnet"}
+    if name == "pc-vs-bp":  # T = 3 x depth: cnn has 10 nodes in a chain, rescnn depth 20
+        assert "| cnn-fpa-s0 | PC FPA jacobi T=30 rate 0.5 |" in summary
+        assert "| rescnn-fpa-s1 | PC FPA jacobi T=60 rate 0.5 |" in summary
+        configs = {r: json.loads((tmp_path / r / "config.json").read_text()) for r in RUNS[name]}
+        assert configs["cnn-strict-s1"]["seed"] == 1 and configs["cnn-strict-s1"]["fpa"] is False
+        assert configs["rescnn-bp-s0"]["rule"] == "bp"
     if name == "model-zoo":
         assert "| 1,132,170 |" in summary  # MLP-Mixer p4 C128 N8 D_S 64 D_C 512, by hand:
         # patch 3*4*4*128+128 + 8 * (4*128 + 64*64*2+64+64 + 128*512*2+512+128) + 256 + 1290
@@ -132,3 +140,27 @@ def test_report_helpers():
         final_metrics([])
     with pytest.raises(ValueError, match="2 cells"):
         markdown_table(["a", "b"], [["x"]])
+
+
+def test_pc_vs_bp_gap_is_mean_and_half_range_over_seeds():
+    from pcfast.experiments.pc_vs_bp import gap_rows
+
+    def rows(*accs):
+        return [{"epoch": i + 1, "train_error": 0.5, "test_acc": a} for i, a in enumerate(accs)]
+
+    results = {"cnn-bp-s0": rows(0.50, 0.60), "cnn-bp-s1": rows(0.62, 0.58),
+               "cnn-fpa-s0": rows(0.55, 0.52), "cnn-fpa-s1": rows(0.57, 0.59),
+               "cnn-strict-s0": rows(0.40, 0.45), "cnn-strict-s1": rows(0.46, 0.44)}
+    got = {r[1]: r for r in gap_rows(results, ["cnn"], [0, 1])}
+    # best accuracies: bp 0.60 / 0.62, fpa 0.55 / 0.59, strict 0.45 / 0.46
+    assert got["fpa"][3:] == ["-4.00", "1.00"]  # gaps -5, -3 points
+    assert got["strict"][3:] == ["-15.50", "0.50"]  # gaps -15, -16 points
+
+
+def test_experiments_train_subset_and_nets_flags(tmp_path):
+    results = load_all()["pc-vs-bp"].fn(_args(tmp_path, nets=["cnn"], train_subset=16,
+                                              quick=False, iterations=1, epochs=None))
+    assert sorted(results) == sorted(r for r in RUNS["pc-vs-bp"] if r.startswith("cnn-"))
+    assert json.loads((tmp_path / "cnn-bp-s0" / "config.json").read_text())["train_subset"] == 16
+    with pytest.raises(ValueError, match="unknown"):
+        load_all()["pc-vs-bp"].fn(_args(tmp_path, nets=["vgg"]))

@@ -1,7 +1,8 @@
 """One-command reproductions: ``pcfast experiment NAME``.
 
 An experiment is a function ``fn(args)``; ``args`` has ``run_dir``, ``epochs``, ``iterations``,
-``device``, ``data_dir``, ``seed``, ``quick`` and ``allow_unofficial_data``. Each one trains its runs
+``device``, ``data_dir``, ``seed``, ``quick``, ``allow_unofficial_data``, ``train_subset``
+and ``nets``. Each one trains its runs
 through :func:`pcfast.train.run_training` in sub-folders of ``run_dir`` (so an interrupted
 experiment resumes) and writes its plots and a Markdown summary there.
 """
@@ -21,7 +22,7 @@ class Experiment:
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
-_MODULES = ("resnet_depth", "preprocessing", "model_zoo", "resnet18_34", "dtp")
+_MODULES = ("resnet_depth", "preprocessing", "model_zoo", "resnet18_34", "dtp", "pc_vs_bp")
 
 
 def register_experiment(name: str, fn: Callable, help: str) -> None:

@@ -25,13 +25,16 @@ def overrides(args: Any) -> dict[str, Any]:
     """Training options that the experiment's command line sets for every run.
 
     ``--quick`` shrinks the data and the step count; ``--epochs`` replaces an iteration budget;
-    ``--iterations`` sets one (both win over ``--quick``'s step count).
+    ``--iterations`` sets one (both win over ``--quick``'s step count); ``--train-subset`` trains
+    every run on the first N training images.
     """
     values: dict[str, Any] = dict(QUICK) if getattr(args, "quick", False) else {}
     if getattr(args, "epochs", None):
         values.update(epochs=args.epochs, iterations=None)
     if getattr(args, "iterations", None):
         values["iterations"] = args.iterations
+    if getattr(args, "train_subset", None):
+        values["train_subset"] = args.train_subset
     values.update(device=getattr(args, "device", "auto") or "auto",
                   data_dir=getattr(args, "data_dir", None), seed=getattr(args, "seed", 0),
                   allow_unofficial_data=bool(getattr(args, "allow_unofficial_data", False)),

@@ -1,0 +1,137 @@
+"""``pcfast experiment pc-vs-bp``: PC against BP on the same small conv nets, two seeds each.
+
+For each net (the zoo's ``cnn`` and ``rescnn``, ``--nets`` picks) and each of two seeds
+(``--seed`` and ``--seed + 1``) it trains three rules on the same data, epochs and weight
+optimizer (preset ``pc-vs-bp``: Adam 1e-3, batch 128, pad-4 crop + flip, per-channel
+normalisation, 20 epochs):
+
+- ``bp``: backprop on the cross-entropy;
+- ``fpa``: PC under the fixed prediction assumption, jacobi schedule, rate 0.5 and
+  ``T = 3 x depth`` (the seed's convention: errors need ``depth`` jacobi steps to reach the input);
+- ``strict``: strict PC (predictions recomputed every step), sequential schedule (one sweep
+  reaches every node), T=3, rate 0.5.
+
+Writes ``curves.png`` (test and training error per epoch) and ``summary.md``: per run the final
+and best test accuracy and the median seconds per epoch; per net and PC rule the gap PC - BP in
+best test accuracy, as the mean over the seeds with the spread (half the range) across them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from pcfast.experiments import register_experiment
+from pcfast.experiments.model_zoo import ZOO
+from pcfast.experiments.report import (
+    final_metrics,
+    markdown_table,
+    pct,
+    plot_error_panels,
+    write_summary,
+)
+from pcfast.experiments.runner import run_dir, train_run
+from pcfast.models import build_model
+from pcfast.train.presets import register_preset
+
+NAME = "pc-vs-bp"
+PRESET = "pc-vs-bp"
+NETS = ("cnn", "rescnn")
+SEEDS = 2
+
+register_preset(PRESET, dict(
+    model="cnn", rule="bp", optimizer="adam", lr=1e-3, batch_size=128, epochs=20,
+    lr_schedule="constant", augment="flip-crop", preprocess="channel", pc_backend="auto"))
+
+
+def graph_depth(net: str) -> int:
+    """Depth (longest input-to-output path in nodes) of the zoo net's PC graph."""
+    model, kwargs = ZOO[net]
+    return build_model(model, **kwargs).pc_graph().depth
+
+
+def rule_options(net: str) -> dict[str, dict[str, Any]]:
+    """The three rules' training options for ``net`` (label -> options)."""
+    return {
+        "bp": dict(rule="bp"),
+        "fpa": dict(rule="pc", fpa=True, schedule="jacobi", rate=0.5, T=3 * graph_depth(net)),
+        "strict": dict(rule="pc", fpa=False, schedule="sequential", rate=0.5, T=3),
+    }
+
+
+def _median_epoch_seconds(rows: list[dict[str, Any]]) -> float | None:
+    times = [r["epoch_seconds"] for r in rows if r.get("epoch_seconds") is not None]
+    return statistics.median(times) if times else None
+
+
+def gap_rows(results: dict[str, list[dict[str, Any]]], nets, seeds) -> list[list[Any]]:
+    """Per net and PC rule: best test accuracy gap PC - BP, mean over seeds and half-range."""
+    rows = []
+    for net in nets:
+        for label in ("fpa", "strict"):
+            gaps = []
+            for s in seeds:
+                pc = final_metrics(results[f"{net}-{label}-s{s}"])["best_test_error"]
+                bp = final_metrics(results[f"{net}-bp-s{s}"])["best_test_error"]
+                gaps.append(bp - pc)  # accuracy PC - BP = error BP - error PC
+            spread = (max(gaps) - min(gaps)) / 2
+            rows.append([net, label, len(gaps), f"{100 * statistics.mean(gaps):+.2f}",
+                         f"{100 * spread:.2f}"])
+    return rows
+
+
+def run(args: Any) -> dict[str, list[dict[str, Any]]]:
+    """Train every (net, rule, seed) run (resuming), then plot and tabulate."""
+    out = run_dir(args, NAME)
+    nets = list(getattr(args, "nets", None) or NETS)
+    unknown = sorted(set(nets) - set(NETS))
+    if unknown:
+        raise ValueError(f"pc-vs-bp runs the nets {NETS}; unknown: {unknown}")
+    base_seed = getattr(args, "seed", 0)
+    seeds = [base_seed + i for i in range(SEEDS)]
+    results: dict[str, list[dict[str, Any]]] = {}
+    settings: dict[str, dict[str, Any]] = {}
+    for net in nets:
+        model, kwargs = ZOO[net]
+        for label, options in rule_options(net).items():
+            for s in seeds:
+                name = f"{net}-{label}-s{s}"
+                settings[name] = options
+                run_args = _with_seed(args, s)
+                results[name] = train_run(run_args, NAME, name, PRESET, model=model,
+                                          model_kwargs=kwargs, **options)
+    panels = {net: {k: v for k, v in results.items() if k.startswith(f"{net}-")} for net in nets}
+    plot_error_panels(panels, out / "curves.png", x="epoch")
+    table = []
+    for name, rows in results.items():
+        m = final_metrics(rows)
+        o = settings[name]
+        rule = "BP" if o["rule"] == "bp" else (
+            f"PC {'FPA' if o['fpa'] else 'strict'} {o['schedule']} T={o['T']} rate {o['rate']}")
+        sec = _median_epoch_seconds(rows)
+        table.append([name, rule, m["epochs"], pct(m["final_train_error"]), pct(m["test_acc"]),
+                      pct(1 - m["best_test_error"]), "—" if sec is None else f"{sec:.1f}"])
+    sections = [
+        f"Preset `{PRESET}` for every run (Adam 1e-3, batch 128, flip + crop, per-channel "
+        "normalisation); seeds " + ", ".join(map(str, seeds)) + ".",
+        "## Runs\n\n" + markdown_table(["run", "rule", "epochs", "train error %",
+                                        "final test acc %", "best test acc %",
+                                        "s/epoch (median)"], table),
+        "## Gap PC - BP (best test accuracy, points)\n\n"
+        + markdown_table(["net", "PC rule", "seeds", "mean gap", "spread (half range)"],
+                         gap_rows(results, nets, seeds)),
+        "![curves](curves.png)",
+    ]
+    write_summary(out / "summary.md", "PC vs BP on the same conv nets", sections)
+    return results
+
+
+def _with_seed(args: Any, seed: int) -> Any:
+    from types import SimpleNamespace
+
+    values = dict(vars(args))
+    values["seed"] = seed
+    return SimpleNamespace(**values)
+
+
+register_experiment(NAME, run, "PC (FPA and strict) vs BP on the zoo's cnn and rescnn, 2 seeds")
