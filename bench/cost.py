@@ -56,9 +56,14 @@ the same data (``cudnn_batch_norm`` for ``native_batch_norm``); pcfast's C++ ops
 where ``pcfast._C`` is built and fresh (otherwise their PyTorch reference runs; the JSON lists
 the custom ops seen and the extension status).
 
+PC variants (``--modes``): ``fpa`` (default; both paths), and on the reference path ``strict``
+(predictions recomputed every step) and ``epc`` (error-based PC: one forward and one backward
+pass through the net per step; jacobi only). Each row names its mode.
+
 Usage::
 
     python bench/cost.py --models resdualnet resnet20 resnet56 --schedules jacobi sequential
+    python bench/cost.py --models resnet20 --modes fpa strict epc
     python bench/cost.py --models resdualnet --check --max-ratio 0.35 --max-ops 40  # CI gate
 
 Writes ``bench/results/cost-<model>.json`` per model.
@@ -93,6 +98,7 @@ from pcfast.pc import PCEngine, PCGraph  # noqa: E402
 TARGET_BATCH = 256
 GIB = 1024 ** 3
 PATHS = ("reference", "fast")
+MODES = ("fpa", "strict", "epc")
 
 # Allocations that hand out memory without writing it, and queries that read no tensor data.
 ALLOCATION_OPS = frozenset({"empty", "empty_strided", "empty_like", "new_empty",
@@ -261,11 +267,13 @@ def _difference(a: Count, b: Count, k: int, batch: int) -> StepCost:
 def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], tuple],
                  batch: int, schedule: str, path: str, k: int = 2, rate: float = 0.5,
                  kernels: str = "auto",
-                 expand: Mapping[str, Callable[..., Any]] | None = None) -> StepCost:
+                 expand: Mapping[str, Callable[..., Any]] | None = None,
+                 mode: str = "fpa") -> StepCost:
     """Cost of one inference step: ``(count(T=k) - count(T=0)) / k`` of ``compute_gradients``.
 
     ``make_graph()`` builds a fresh graph each time (same seed, same weights); ``path`` is
-    ``"reference"`` or ``"fast"`` (``backend_options={"kernels": kernels}``).
+    ``"reference"`` or ``"fast"`` (``backend_options={"kernels": kernels}``); ``mode`` one of
+    :data:`MODES`.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -274,7 +282,7 @@ def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], 
         graph = make_graph()
         options = {"kernels": kernels} if path == "fast" else None
         engine = PCEngine(graph, T=T, rate=rate, schedule=schedule, backend=path,
-                          backend_options=options)
+                          backend_options=options, fpa=mode == "fpa", epc=mode == "epc")
         x, y = make_batch(batch)
         for p in graph.parameters():
             p.grad = None
@@ -396,10 +404,18 @@ def _uncommitted() -> list[str]:
     return [line[3:] for line in out.stdout.splitlines() if line.strip()]
 
 
+def run_combinations(modes: Sequence[str], schedules: Sequence[str],
+                     paths: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The ``(mode, schedule, path)`` rows that exist: strict PC and ePC run on the reference
+    path only, ePC with the jacobi schedule only."""
+    return [(m, s, p) for m in modes for s in schedules for p in paths
+            if (m == "fpa" or p == "reference") and (m != "epc" or s == "jacobi")]
+
+
 def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
                   batch_sizes: Sequence[int], k: int, rate: float,
-                  kernels: str) -> dict[str, Any]:
-    """Every (schedule, path) row for one model, plus the BP step; the JSON payload."""
+                  kernels: str, modes: Sequence[str] = ("fpa",)) -> dict[str, Any]:
+    """Every (mode, schedule, path) row for one model, plus the BP step; the JSON payload."""
     make_model = _model_factory(name)
 
     def make_graph() -> PCGraph:
@@ -409,32 +425,33 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
     bp = fit_linear([bp_step_cost(make_model, _image_batch, n) for n in batch_sizes])
     bp_bytes = bp.bytes_at(TARGET_BATCH)
     rows = []
-    for schedule in schedules:
-        for path in paths:
-            fit = fit_linear([pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k,
-                                           rate=rate, kernels=kernels) for n in batch_sizes])
-            step_bytes = fit.bytes_at(TARGET_BATCH)
-            # What CUDA dispatches today: ops without a fused CUDA kernel run unfused there.
-            cuda = fit if path != "fast" else fit_linear([
-                pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k, rate=rate,
-                             kernels=kernels, expand=cuda_composites()) for n in batch_sizes])
-            cuda_bytes = cuda.bytes_at(TARGET_BATCH)
-            rows.append({
-                "model": name, "schedule": schedule, "path": path,
-                "ops_per_step": fit.ops, "GiB_per_step": step_bytes / GIB,
-                "x_bp_bytes": step_bytes / bp_bytes,
-                "cuda_ops_per_step": cuda.ops, "cuda_x_bp_bytes": cuda_bytes / bp_bytes,
-                "cuda_by_op": cuda.by_op,
-                "bp_ops": bp.ops, "bp_GiB": bp_bytes / GIB,
-                "bytes_a": fit.a, "bytes_per_sample": fit.b,
-                "custom_ops": _custom_ops(fit.by_op),
-                "by_op": fit.by_op,
-            })
+    for mode, schedule, path in run_combinations(modes, schedules, paths):
+        fit = fit_linear([pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k,
+                                       rate=rate, kernels=kernels, mode=mode)
+                          for n in batch_sizes])
+        step_bytes = fit.bytes_at(TARGET_BATCH)
+        # What CUDA dispatches today: ops without a fused CUDA kernel run unfused there.
+        cuda = fit if path != "fast" else fit_linear([
+            pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k, rate=rate,
+                         kernels=kernels, expand=cuda_composites()) for n in batch_sizes])
+        cuda_bytes = cuda.bytes_at(TARGET_BATCH)
+        rows.append({
+            "model": name, "mode": mode, "schedule": schedule, "path": path,
+            "ops_per_step": fit.ops, "GiB_per_step": step_bytes / GIB,
+            "x_bp_bytes": step_bytes / bp_bytes,
+            "cuda_ops_per_step": cuda.ops, "cuda_x_bp_bytes": cuda_bytes / bp_bytes,
+            "cuda_by_op": cuda.by_op,
+            "bp_ops": bp.ops, "bp_GiB": bp_bytes / GIB,
+            "bytes_a": fit.a, "bytes_per_sample": fit.b,
+            "custom_ops": _custom_ops(fit.by_op),
+            "by_op": fit.by_op,
+        })
     graph = make_graph()
     return {
         "model": name,
         "config": {"batch_sizes": list(batch_sizes), "target_batch": TARGET_BATCH,
-                   "dtype": "float32", "k": k, "rate": rate, "schedules": list(schedules),
+                   "dtype": "float32", "k": k, "rate": rate, "modes": list(modes),
+                   "schedules": list(schedules),
                    "paths": list(paths), "fast_kernels": kernels,
                    "bp_optimizer": "Adam(foreach=True)", "bp_loss": "cross_entropy(mean)",
                    "input": "3x32x32", "hidden_nodes": len(graph.hidden),
@@ -448,7 +465,7 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
     }
 
 
-COLUMNS = ("model", "schedule", "path", "ops_per_step", "GiB_per_step", "x_bp_bytes",
+COLUMNS = ("model", "mode", "schedule", "path", "ops_per_step", "GiB_per_step", "x_bp_bytes",
            "cuda_ops_per_step", "cuda_x_bp_bytes", "bp_ops", "bp_GiB")
 
 
@@ -459,7 +476,7 @@ def check_rows(rows: Sequence[dict[str, Any]], max_ratio: float | None, max_ops:
     for r in rows:
         if r["path"] not in paths:
             continue
-        tag = f"{r['model']}/{r['schedule']}/{r['path']}"
+        tag = f"{r['model']}/{r.get('mode', 'fpa')}/{r['schedule']}/{r['path']}"
         if max_ratio is not None and r["x_bp_bytes"] > max_ratio:
             bad.append(f"{tag}: {r['x_bp_bytes']:.3f} x BP bytes > {max_ratio}")
         if max_ops is not None and r["ops_per_step"] > max_ops:
@@ -473,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--schedules", nargs="+", default=["jacobi", "sequential"],
                     choices=["jacobi", "sequential"])
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    ap.add_argument("--modes", nargs="+", default=["fpa"], choices=MODES,
+                    help="PC variants (strict and epc: reference path; epc: jacobi)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4, 3],
                     help="CPU batch sizes; the line is fitted through the smallest and largest, "
                          "the others check it")
@@ -501,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("once")
         for name in args.models:
             payload = measure_model(name, args.schedules, args.paths, args.batch_sizes, args.k,
-                                    args.rate, args.kernels)
+                                    args.rate, args.kernels, args.modes)
             payload["environment"] = env
             all_rows += payload["rows"]
             if not args.no_write:

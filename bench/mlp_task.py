@@ -25,10 +25,12 @@ Rows (all in one run, same device, same initial weights, same batches):
 ``pcfast-ipc-reference``     ``PCEngine(fpa=False, ipc=True)``: incremental PC, one Adam step
                              per inference step (T per batch)
 ``hand-ipc-eager``           :func:`hand_ipc_step`, closed-form iPC, eager
+``pcfast-epc-reference``     ``PCEngine(fpa=False, epc=True)``: error-based PC
+``hand-epc-eager``           :func:`hand_epc_grads`, closed-form ePC, eager
 ===========================  ==============================================================
 
 The ratio column is each row's time over the hand-written EAGER loop of the same math (strict,
-FPA or iPC). The hand-written loops implement exactly the engine's math (``tests/test_mlp_task.py``
+FPA, iPC or ePC). The hand-written loops implement exactly the engine's math (``tests/test_mlp_task.py``
 checks their weight gradients against ``PCEngine(backend="reference")`` in float64, and every run
 re-checks it on a small float64 batch before timing):
 
@@ -71,8 +73,9 @@ from bench.common import environment, print_table, write_result  # noqa: E402
 from pcfast.pc import PCEngine, sequential_graph  # noqa: E402
 
 ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-fast", "pcfast-fpa-reference",
-        "pcfast-ipc-reference", "hand-strict-eager", "hand-strict-compile", "hand-fpa-eager",
-        "hand-fpa-compile", "hand-ipc-eager")
+        "pcfast-ipc-reference", "pcfast-epc-reference", "hand-strict-eager",
+        "hand-strict-compile", "hand-fpa-eager", "hand-fpa-compile", "hand-ipc-eager",
+        "hand-epc-eager")
 SIZES = (784, 256, 256, 10)
 
 
@@ -186,6 +189,38 @@ def hand_strict_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.
     return _strict_weight_grads(v, g, x.shape[0])
 
 
+def hand_epc_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, T: int,
+                   rate: float) -> list[torch.Tensor]:
+    """Error-based PC on the same MLP; returns ``[dW0, db0, dW1, db1, ...]``.
+
+    The errors ``e_l`` (zero at the start) are the free variables: ``v_1 = mu_1 + e_1``,
+    ``v_{l+1} = tanh(W_l v_l + b_l) + e_{l+1}``, output ``W_L v_L + b_L``; every step one forward
+    and one backward pass give ``dF/de_l = e_l + dL/dv_l`` and ``e_l <- e_l - rate dF/de_l``. The
+    weight gradients are strict PC's local ones at the final values.
+    """
+    Ws, bs = list(params[0::2]), list(params[1::2])
+    L = len(Ws) - 1
+    target = F.one_hot(y, Ws[-1].shape[0]).to(x.dtype)
+    mu1 = torch.tanh(torch.addmm(bs[0], x, Ws[0].t()))
+    e = [None] + [torch.zeros(x.shape[0], W.shape[0], dtype=x.dtype, device=x.device)
+                  for W in Ws[:-1]]
+    for _ in range(T):
+        v, t = [x, mu1 + e[1]], [None, mu1]
+        for l in range(1, L):
+            t.append(torch.tanh(torch.addmm(bs[l], v[l], Ws[l].t())))
+            v.append(t[l + 1] + e[l + 1])
+        gv = [None] * (L + 1)
+        gv[L] = (torch.addmm(bs[L], v[L], Ws[L].t()) - target) @ Ws[L]
+        for l in range(L - 1, 0, -1):
+            gv[l] = (gv[l + 1] * (1 - t[l + 1] * t[l + 1])) @ Ws[l]
+        e = [None] + [e[l] - rate * (e[l] + gv[l]) for l in range(1, L + 1)]
+    v = [x, mu1 + e[1]]
+    for l in range(1, L):
+        v.append(torch.tanh(torch.addmm(bs[l], v[l], Ws[l].t())) + e[l + 1])
+    _, g = _strict_terms(Ws, bs, v, target, mu1)
+    return _strict_weight_grads(v, g, x.shape[0])
+
+
 def hand_ipc_step(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
                   x: torch.Tensor, y: torch.Tensor, T: int, rate: float) -> None:
     """Incremental PC on the same MLP: ``T`` steps, each taking the weight gradient and the
@@ -205,7 +240,7 @@ def hand_ipc_step(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimiz
         optimizer.step()
 
 
-HAND = {"strict": hand_strict_grads, "fpa": hand_fpa_grads}
+HAND = {"strict": hand_strict_grads, "fpa": hand_fpa_grads, "epc": hand_epc_grads}
 
 
 # --------------------------------------------------------------------------------- the rows
@@ -247,7 +282,8 @@ class EngineLoop:
                  rate: float, lr: float) -> None:
         graph = sequential_graph(list(layers), [f"fc{i}" for i in range(len(layers))])
         self.engine = PCEngine(graph, T=T, rate=rate, schedule="jacobi", fpa=math_ == "fpa",
-                               ipc=math_ == "ipc", output_loss="mse", backend=backend)
+                               ipc=math_ == "ipc", epc=math_ == "epc", output_loss="mse",
+                               backend=backend)
         self.optimizer = torch.optim.Adam(graph.parameters(), lr=lr)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -255,7 +291,10 @@ class EngineLoop:
 
 
 def row_math(row: str) -> str:
-    return "strict" if "strict" in row else "ipc" if "ipc" in row else "fpa"
+    for math_ in ("strict", "ipc", "epc"):
+        if math_ in row:
+            return math_
+    return "fpa"
 
 
 def build_row(row: str, layers: Sequence[nn.Module], T: int, rate: float, lr: float):
@@ -293,7 +332,7 @@ def check_against_engine(math_: str, T: int, rate: float, batch: int = 8,
     with torch.no_grad():
         hand = HAND[math_](params, x, y, T, rate)
     graph = sequential_graph(layers)
-    PCEngine(graph, T=T, rate=rate, fpa=math_ == "fpa", output_loss="mse",
+    PCEngine(graph, T=T, rate=rate, fpa=math_ == "fpa", epc=math_ == "epc", output_loss="mse",
              backend="reference").compute_gradients(x, y)
     return max_rel_diff(hand, [p.grad for p in params])
 
@@ -396,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.threads is not None:
         torch.set_num_threads(ns.threads)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    checks = {m: check_against_engine(m, ns.T, ns.rate) for m in ("strict", "fpa", "ipc")}
+    checks = {m: check_against_engine(m, ns.T, ns.rate) for m in ("strict", "fpa", "ipc", "epc")}
     if any(not math.isfinite(v) or v > 1e-9 for v in checks.values()):
         raise SystemExit(f"the hand-written loop no longer matches PCEngine(reference): {checks}")
     results = run(ns.rows, device, ns.T, ns.batch_size, ns.rate, ns.lr, ns.warmup, ns.batches,
@@ -406,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
           f"rate {ns.rate}, jacobi, Adam {ns.lr}; best of {ns.repeats} x {ns.batches} batches "
           f"after {ns.warmup} warm-up; {env['device_name']}")
     print(f"hand-written vs PCEngine(reference) weight gradients, float64: max rel diff "
-          f"strict {checks['strict']:.1e}, fpa {checks['fpa']:.1e}; iPC weights after one batch "
-          f"{checks['ipc']:.1e}")
+          f"strict {checks['strict']:.1e}, fpa {checks['fpa']:.1e}, epc {checks['epc']:.1e}; iPC "
+          f"weights after one batch {checks['ipc']:.1e}")
     print_table(results, ["row", "math", "ms_per_batch", "x_hand_eager", "status"])
     config = {"sizes": SIZES, "activation": "tanh", "output_loss": "mse", "batch_size": ns.batch_size,
               "T": ns.T, "rate": ns.rate, "schedule": "jacobi", "optimizer": "adam", "lr": ns.lr,

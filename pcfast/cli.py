@@ -47,6 +47,8 @@ HELP = {
     "state_nesterov": "Nesterov momentum for the PC inference steps",
     "ipc": "incremental PC: strict PC whose weights take an optimizer step at every inference "
            "step (needs --no-fpa; reference backend)",
+    "epc": "error-based PC: the errors are the free variables, one forward+backward per step "
+           "(needs --no-fpa, jacobi; reference backend)",
     "pc_backend": "PC engine backend: auto (fast on CUDA under FPA, else reference), fast, reference",
     "data_dir": "folder holding cifar-10-batches-py (default: $PCFAST_CIFAR10_DIR, ~/.cache/pcfast)",
     "download": "download CIFAR-10 through torchvision when no copy is found",

@@ -141,6 +141,24 @@ class HandMLP:
                 self.b[i] = self.b[i] - lr * wg[2 * i + 1]
         return x1, x2
 
+    def epc(self, x0, y, T: int, rate: float):
+        """Error-based PC: errors ``e1, e2`` from zero, ``x1 = mu1(x0) + e1``,
+        ``x2 = tanh(W2 x1 + b2) + e2``, ``e <- e - rate dF/de`` in closed form (the output loss
+        reaches both errors through the forward composition). Returns the final values."""
+        W2, b2, W3 = self.W[1], self.b[1], self.W[2]
+        mu1 = self.predict(0, x0)
+        e1 = torch.zeros_like(mu1)
+        e2 = torch.zeros(x0.shape[0], W2.shape[0], dtype=x0.dtype)
+        for _ in range(T):
+            x1 = mu1 + e1
+            t2 = torch.tanh(x1 @ W2.T + b2)
+            out = self.predict(2, t2 + e2)
+            dL_dx2 = (torch.softmax(out, 1) - F.one_hot(y, out.shape[1]).double()) @ W3
+            dL_dx1 = (dL_dx2 * (1 - t2 ** 2)) @ W2
+            e1, e2 = e1 - rate * (e1 + dL_dx1), e2 - rate * (e2 + dL_dx2)
+        x1 = mu1 + e1
+        return x1, self.predict(1, x1) + e2
+
 def strict_mlp_case():
     torch.manual_seed(3)
     layers = [nn.Linear(5, 8), nn.Linear(8, 6), nn.Linear(6, 4)]

@@ -229,3 +229,29 @@ def test_check_gate_flags_rows_over_the_thresholds():
 def test_check_needs_a_threshold():
     with pytest.raises(SystemExit):
         main(["--check", "--no-write"])
+
+
+def test_epc_step_is_one_forward_and_one_backward_without_the_input_layer():
+    """ePC on input -> layer0 = Linear(5, 7) -> layer1 = Linear(7, 3) (output, CE): a step
+    recomputes only what the errors change -- layer1's ``addmm`` (layer0 reads the fixed input,
+    its prediction is kept) -- and its backward to the error is one ``mm(dL/dlogits, W1)``; no
+    weight gradient is formed during inference."""
+    step = pc_step_cost(_mlp_graph((5, 7, 3)), _mlp_batch(5), 6, "jacobi", "reference", k=2,
+                        mode="epc")
+    assert step.ops["aten.addmm.default"] == 1
+    assert step.ops["aten.mm.default"] == 1
+    strict = pc_step_cost(_mlp_graph((5, 7, 3)), _mlp_batch(5), 6, "jacobi", "reference", k=2,
+                          mode="strict")
+    assert strict.ops["aten.addmm.default"] >= 1
+
+
+def test_cost_rows_exist_only_where_the_mode_runs():
+    from bench.cost import run_combinations
+
+    rows = run_combinations(("fpa", "strict", "epc"), ("jacobi", "sequential"),
+                            ("reference", "fast"))
+    assert ("fpa", "sequential", "fast") in rows and ("strict", "sequential", "reference") in rows
+    assert ("epc", "jacobi", "reference") in rows
+    assert not [r for r in rows if r[0] != "fpa" and r[2] == "fast"]
+    assert ("epc", "sequential", "reference") not in rows
+    assert len(rows) == 4 + 2 + 1

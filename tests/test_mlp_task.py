@@ -43,14 +43,14 @@ def _batch(sizes, n=6, seed=3):
     return x, y
 
 
-def _engine_grads(layers, x, y, T, rate, fpa):
+def _engine_grads(layers, x, y, T, rate, fpa, epc=False):
     graph = sequential_graph(layers)
-    PCEngine(graph, T=T, rate=rate, schedule="jacobi", fpa=fpa, output_loss="mse",
+    PCEngine(graph, T=T, rate=rate, schedule="jacobi", fpa=fpa, epc=epc, output_loss="mse",
              backend="reference").compute_gradients(x, y)
     return [p.grad.clone() for p in flat_params(layers)]
 
 
-@pytest.mark.parametrize("math_", ["strict", "fpa"])
+@pytest.mark.parametrize("math_", ["strict", "fpa", "epc"])
 @pytest.mark.parametrize(("sizes", "T", "rate"), [
     ((784, 256, 256, 10), 20, 0.1),   # the benchmark's own configuration
     (SMALL, 7, 0.35),
@@ -62,7 +62,7 @@ def test_hand_written_loop_equals_reference_engine(math_, sizes, T, rate):
     x, y = _batch(sizes)
     with torch.no_grad():
         hand = HAND[math_](flat_params(layers), x, y, T, rate)
-    engine = _engine_grads(layers, x, y, T, rate, fpa=math_ == "fpa")
+    engine = _engine_grads(layers, x, y, T, rate, fpa=math_ == "fpa", epc=math_ == "epc")
     for h, e in zip(hand, engine):
         torch.testing.assert_close(h, e, rtol=1e-10, atol=1e-13)
     assert all(g.abs().sum() > 0 for g in hand)  # every layer received an error
@@ -118,8 +118,8 @@ def test_fpa_rate_one_is_backprop_of_the_squared_error():
 
 def test_benchmark_rows_run_and_report(monkeypatch, tmp_path):
     rows = ["pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-reference",
-            "pcfast-fpa-fast", "pcfast-ipc-reference", "hand-strict-eager", "hand-fpa-eager",
-            "hand-ipc-eager"]
+            "pcfast-fpa-fast", "pcfast-ipc-reference", "pcfast-epc-reference",
+            "hand-strict-eager", "hand-fpa-eager", "hand-ipc-eager", "hand-epc-eager"]
     results = run(rows, torch.device("cpu"), T=2, batch_size=4, rate=0.1, lr=1e-3, warmup=1, n=1,
                   repeats=2)
     by = {r["row"]: r for r in results}

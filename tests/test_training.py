@@ -66,6 +66,17 @@ def test_ipc_trains_from_the_command_line_and_clips_every_weight_step(tmp_path, 
     assert rows[-1]["test_acc"] > 0.3  # chance is 0.1
 
 
+def test_epc_trains_from_the_command_line(tmp_path):
+    out = tmp_path / "epc"
+    assert main(["train", "--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--synthetic",
+                 "--train-subset", "512", "--test-subset", "256", "--batch-size", "64",
+                 "--rule", "pc", "--no-fpa", "--epc", "--T", "3", "--rate", "0.3",
+                 "--lr", "3e-3", "--lr-schedule", "constant", "--epochs", "2", "--no-progress",
+                 "--out-dir", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["epc"] is True
+    assert read_metrics(out / "metrics.jsonl")[-1]["test_acc"] > 0.3  # chance is 0.1
+
+
 @pytest.mark.parametrize("rule", ["bp", "pc"])
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path, rule):
     extra = dict(rule=rule, T=2, rate=0.5)

@@ -4,7 +4,7 @@ Backends (:mod:`pcfast.pc.backends`) share one small interface (``can_use(x, set
 (ok, reason)``, ``compute_gradients(x, y, settings)``) and never import this module:
 
 - ``"reference"``: plain PyTorch autograd (:class:`~pcfast.pc.backends.ReferenceBackend`), FPA,
-  strict PC and incremental PC (iPC), any device; the oracle of the tests;
+  strict PC, incremental PC (iPC) and error-based PC (ePC), any device; the oracle of the tests;
 - ``"fast"``: explicit VJP rules, fused ops, CUDA graphs
   (:class:`~pcfast.pc.backends.fast.FastBackend`), FPA only;
 - ``"auto"``: the fast backend where it can run and is preferred (CUDA batches under FPA),
@@ -64,6 +64,12 @@ class PCEngine:
             weights take an optimizer step at EVERY inference step, from ``dF/dtheta`` at the
             same point as the values' step (``T`` optimizer steps per batch). Train with
             :meth:`step` and an optimizer; reference backend (``auto`` picks it).
+        epc: error-based PC (Goemaere et al., arXiv 2505.20137; needs ``fpa=False``, the jacobi
+            schedule, no ``error_clamp``): the errors are the free variables, ``x_v = f_v(parents)
+            + e_v``, starting at zero; each step ``e <- e - rate dF/de`` is one forward and one
+            backward pass through the whole net, so the output error reaches every node at the
+            first step. Weight gradients: PC's local ones at the final values (at equilibrium
+            those of strict PC). Reference backend.
 
     Example::
 
@@ -76,7 +82,7 @@ class PCEngine:
                  error_clamp: float | None = None, backend: str = "auto",
                  record_energy: bool = False, backend_options: dict | None = None,
                  state_momentum: float = 0.0, state_nesterov: bool = False,
-                 ipc: bool = False) -> None:
+                 ipc: bool = False, epc: bool = False) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if output_loss not in OUTPUT_LOSSES:
@@ -96,6 +102,18 @@ class PCEngine:
                              "step as strict PC does: pass fpa=False with it")
         if ipc and T < 1:
             raise ValueError(f"ipc=True needs T >= 1 (one weight step per inference step), got {T}")
+        if epc:
+            if fpa:
+                raise ValueError("epc=True recomputes the predictions every step (the values are "
+                                 "f(parents) + e): pass fpa=False with it")
+            if ipc:
+                raise ValueError("choose one PC variant: ipc=True or epc=True, not both")
+            if schedule != "jacobi":
+                raise ValueError("epc=True moves every error from one backward pass through the "
+                                 "whole net: use schedule='jacobi'")
+            if error_clamp is not None:
+                raise ValueError("error_clamp is not defined for epc=True (no propagated errors "
+                                 "are formed); leave it None")
         if backend not in BACKENDS:
             raise ValueError(f"unknown PC backend {backend!r}; available: {BACKENDS}")
         if backend == "fast" and not fpa:
@@ -119,6 +137,7 @@ class PCEngine:
         self.state_momentum = float(state_momentum)
         self.state_nesterov = bool(state_nesterov)
         self.ipc = bool(ipc)
+        self.epc = bool(epc)
         self.backend_options = dict(backend_options or {})
         self._reference = ReferenceBackend(graph)
         self._fast: PCBackend | None = None
@@ -136,7 +155,7 @@ class PCEngine:
         return PCSettings(T=self.T, rate=self.rate, schedule=self.schedule, fpa=self.fpa,
                           output_loss=self.output_loss, error_clamp=self.error_clamp,
                           record_energy=self.record_energy, state_momentum=self.state_momentum,
-                          state_nesterov=self.state_nesterov, ipc=self.ipc)
+                          state_nesterov=self.state_nesterov, ipc=self.ipc, epc=self.epc)
 
     # ----------------------------------------------------------------------------- public
     def step(self, x: torch.Tensor, y: torch.Tensor,

@@ -53,6 +53,7 @@ class TrainConfig:
     state_momentum: float = 0.0
     state_nesterov: bool = False
     ipc: bool = False
+    epc: bool = False
     pc_backend: str = "auto"
     # data
     data_dir: str | None = None

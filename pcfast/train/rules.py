@@ -73,7 +73,8 @@ class PCRule(Rule):
                                fpa=cfg.fpa, output_loss=cfg.output_loss,
                                error_clamp=cfg.error_clamp, backend=cfg.pc_backend,
                                state_momentum=cfg.state_momentum,
-                               state_nesterov=cfg.state_nesterov, ipc=cfg.ipc)
+                               state_nesterov=cfg.state_nesterov, ipc=cfg.ipc,
+                               epc=cfg.epc)
 
     def train_step(self, x, y, optimizer):
         self.model.train()

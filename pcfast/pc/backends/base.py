@@ -48,6 +48,7 @@ class PCSettings:
     state_momentum: float = 0.0
     state_nesterov: bool = False
     ipc: bool = False
+    epc: bool = False
 
 
 @dataclass

@@ -120,7 +120,8 @@ class FastBackend(PCBackend):
         """Why the fast backend does not run these settings at all (None if it does)."""
         if not settings.fpa:
             return ("the fast backend runs FPA only (fpa=False is strict PC"
-                    + (", ipc=True incremental PC)" if settings.ipc else ")"))
+                    + (", ipc=True incremental PC" if settings.ipc else "")
+                    + (", epc=True error-based PC" if settings.epc else "") + ")")
         if settings.state_momentum:
             return "the fast backend runs plain state steps only (state_momentum=0)"
         return None

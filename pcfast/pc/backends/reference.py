@@ -16,6 +16,12 @@ Incremental PC (iPC, Salvatori et al., ICLR 2024) is strict PC whose weights als
 every inference step (:meth:`ReferenceBackend.run_incremental`): each step computes ``dF/dx`` and
 ``dF/dtheta`` at the same point ``(x_t, theta_t)``, moves the values and hands the weight
 gradient to the optimizer.
+
+Error-based PC (ePC, Goemaere et al., arXiv 2505.20137) keeps strict PC's energy but takes the
+errors as the free variables: ``x_v = f_v(x_parents) + e_v``, errors start at zero, and every
+step is ``e <- e - rate dF/de`` with ``F(e) = sum_v 1/2 ||e_v||^2 + L(mu_out(e), y)``, one forward
+and one backward pass through the whole net, so the output error reaches every node in one step.
+The weight gradients are PC's local ones at the values the errors define (as strict PC's).
 """
 
 from __future__ import annotations
@@ -89,6 +95,8 @@ class ReferenceBackend(PCBackend):
         check_batch(self.graph, x, y)
         if settings.ipc:
             raise ValueError("iPC moves the weights during inference: use run_incremental")
+        if settings.epc:
+            return self._run_epc(x, y, settings)
         if settings.fpa:
             return self._run_fpa(x, y, settings)
         return self._run_strict(x, y, settings)
@@ -215,6 +223,62 @@ class ReferenceBackend(PCBackend):
             wgrads = torch.autograd.grad(energy, params, allow_unused=True)
         self._strict_sequential_sweep(values, y, s, steps)
         return wgrads
+
+    # ------------------------------------------------------------------------------ ePC
+    def _epc_forward(self, x: torch.Tensor, errors: dict[str, torch.Tensor],
+                     fixed: dict[str, torch.Tensor] | None = None):
+        """Values ``x_v = f_v(parents) + e_v`` (hidden nodes) and the output prediction;
+        ``fixed`` holds predictions that do not change during inference (of nodes fed by the
+        graph input alone)."""
+        g = self.graph
+        vals = {g.input_name: x}
+        for node in g.nodes:
+            if fixed is not None and node.name in fixed:
+                mu = fixed[node.name]
+            else:
+                mu = node.fn(*(vals[p] for p in node.parents))
+            vals[node.name] = mu + errors[node.name] if node.name in errors else mu
+        return vals
+
+    def _run_epc(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
+        g = self.graph
+        with torch.no_grad():
+            ff = self._epc_forward(x, {})  # the one pass that moves BatchNorm running stats
+        logits = ff[g.output]
+        errors = {name: torch.zeros_like(ff[name]) for name in g.hidden}
+        # Nodes fed by the input alone predict the same at every step (BatchNorm in training
+        # mode normalises with the batch's statistics, whatever its running ones).
+        fixed = {n.name: ff[n.name] for n in g.nodes
+                 if n.name != g.output and all(p == g.input_name for p in n.parents)}
+        trace = []
+        steps = StateSteps(s)
+        with torch.enable_grad(), frozen_running_stats(g.modules):
+            for _ in range(s.T):
+                leaves = {k: e.detach().requires_grad_(True) for k, e in errors.items()}
+                vals = self._epc_forward(x, leaves, fixed)
+                energy = hidden_energy(g, leaves) + output_energy(vals[g.output], y,
+                                                                  s.output_loss)
+                if s.record_energy:
+                    trace.append(energy.detach())
+                grads = torch.autograd.grad(energy, list(leaves.values()))
+                for (name, e), gr in zip(errors.items(), grads):
+                    errors[name] = (steps.update(name, e, gr) if s.state_momentum
+                                    else e - s.rate * gr)
+            with torch.no_grad():
+                vals = self._epc_forward(x, errors, fixed)
+            values = {name: vals[name] for name in g.hidden}
+            values[g.input_name] = x
+            mus = self._predict(values)
+            energy = self._strict_energy(values, mus, y, s)
+            params = g.parameters()
+            accumulate(params, torch.autograd.grad(energy, params, allow_unused=True), x.shape[0])
+        if s.record_energy:
+            trace.append(energy.detach())
+        with torch.no_grad():
+            out = {name: values[name] - mus[name] for name in g.hidden}
+            out[g.output] = output_error(mus[g.output], y, s.output_loss)
+        ff_loss = output_energy(logits, y, s.output_loss)
+        return make_result(logits, y, ff_loss, energy.detach(), out, trace)
 
     # ------------------------------------------------------------------------------ iPC
     def run_incremental(self, x: torch.Tensor, y: torch.Tensor, settings: PCSettings,
