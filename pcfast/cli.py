@@ -47,6 +47,9 @@ HELP = {
     "state_nesterov": "Nesterov momentum for the PC inference steps",
     "ipc": "incremental PC: strict PC whose weights take an optimizer step at every inference "
            "step (needs --no-fpa; reference backend)",
+    "tol": "adaptive inference: stop when the energy changes by at most this fraction between "
+           "two readings (T becomes the maximum; reference backend)",
+    "check_every": "inference steps between two energy readings under --tol",
     "epc": "error-based PC: the errors are the free variables, one forward+backward per step "
            "(needs --no-fpa, jacobi; reference backend)",
     "pc_backend": "PC engine backend: auto (fast on CUDA under FPA, else reference), fast, reference",

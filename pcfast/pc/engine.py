@@ -70,6 +70,11 @@ class PCEngine:
             backward pass through the whole net, so the output error reaches every node at the
             first step. Weight gradients: PC's local ones at the final values (at equilibrium
             those of strict PC). Reference backend.
+        tol: adaptive inference: ``T`` becomes the maximum and inference stops once the energy
+            changed by at most ``tol`` (relative) between two readings ``check_every`` steps
+            apart (one host synchronisation per reading). ``PCResult.steps`` reports the steps
+            taken. FPA, strict PC and ePC; reference backend (``auto`` picks it).
+        check_every: steps between two energy readings under ``tol``.
 
     Example::
 
@@ -82,7 +87,8 @@ class PCEngine:
                  error_clamp: float | None = None, backend: str = "auto",
                  record_energy: bool = False, backend_options: dict | None = None,
                  state_momentum: float = 0.0, state_nesterov: bool = False,
-                 ipc: bool = False, epc: bool = False) -> None:
+                 ipc: bool = False, epc: bool = False, tol: float | None = None,
+                 check_every: int = 5) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if output_loss not in OUTPUT_LOSSES:
@@ -114,11 +120,21 @@ class PCEngine:
             if error_clamp is not None:
                 raise ValueError("error_clamp is not defined for epc=True (no propagated errors "
                                  "are formed); leave it None")
+        if tol is not None and not tol > 0:
+            raise ValueError(f"tol must be positive or None, got {tol}")
+        if check_every < 1 or int(check_every) != check_every:
+            raise ValueError(f"check_every must be a positive integer, got {check_every}")
+        if tol is not None and ipc:
+            raise ValueError("tol (adaptive inference) is not defined for ipc=True, whose weights "
+                             "move at every step; use a fixed T")
         if backend not in BACKENDS:
             raise ValueError(f"unknown PC backend {backend!r}; available: {BACKENDS}")
         if backend == "fast" and not fpa:
             raise ValueError("backend='fast' supports fpa=True only; "
                              "use backend='reference' for strict PC")
+        if backend == "fast" and tol is not None:
+            raise ValueError("backend='fast' runs a fixed T (tol=None); use backend='reference' "
+                             "(or 'auto') for adaptive inference")
         if backend == "fast" and state_momentum:
             raise ValueError("backend='fast' runs plain state steps only (state_momentum=0); "
                              "use backend='reference' (or 'auto') for state momentum")
@@ -138,6 +154,8 @@ class PCEngine:
         self.state_nesterov = bool(state_nesterov)
         self.ipc = bool(ipc)
         self.epc = bool(epc)
+        self.tol = None if tol is None else float(tol)
+        self.check_every = int(check_every)
         self.backend_options = dict(backend_options or {})
         self._reference = ReferenceBackend(graph)
         self._fast: PCBackend | None = None
@@ -155,7 +173,8 @@ class PCEngine:
         return PCSettings(T=self.T, rate=self.rate, schedule=self.schedule, fpa=self.fpa,
                           output_loss=self.output_loss, error_clamp=self.error_clamp,
                           record_energy=self.record_energy, state_momentum=self.state_momentum,
-                          state_nesterov=self.state_nesterov, ipc=self.ipc, epc=self.epc)
+                          state_nesterov=self.state_nesterov, ipc=self.ipc, epc=self.epc,
+                          tol=self.tol, check_every=self.check_every)
 
     # ----------------------------------------------------------------------------- public
     def step(self, x: torch.Tensor, y: torch.Tensor,

@@ -54,6 +54,8 @@ class TrainConfig:
     state_nesterov: bool = False
     ipc: bool = False
     epc: bool = False
+    tol: float | None = None
+    check_every: int = 5
     pc_backend: str = "auto"
     # data
     data_dir: str | None = None

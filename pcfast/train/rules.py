@@ -74,12 +74,15 @@ class PCRule(Rule):
                                error_clamp=cfg.error_clamp, backend=cfg.pc_backend,
                                state_momentum=cfg.state_momentum,
                                state_nesterov=cfg.state_nesterov, ipc=cfg.ipc,
-                               epc=cfg.epc)
+                               epc=cfg.epc, tol=cfg.tol, check_every=cfg.check_every)
 
     def train_step(self, x, y, optimizer):
         self.model.train()
         result = self.engine.step(x, y, optimizer, before_step=self.clip)
-        return {"loss": result.loss, "accuracy": result.accuracy, "energy": result.energy}
+        out = {"loss": result.loss, "accuracy": result.accuracy, "energy": result.energy}
+        if self.cfg.tol is not None:  # adaptive inference: the mean steps taken per batch
+            out["inference_steps"] = result.loss.new_tensor(float(result.steps))
+        return out
 
 
 RULES: dict[str, type[Rule]] = {"bp": BPRule, "pc": PCRule}

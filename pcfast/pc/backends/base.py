@@ -49,6 +49,8 @@ class PCSettings:
     state_nesterov: bool = False
     ipc: bool = False
     epc: bool = False
+    tol: float | None = None
+    check_every: int = 5
 
 
 @dataclass
@@ -58,7 +60,8 @@ class PCResult:
     ``loss`` and ``accuracy`` are those of the feedforward prediction (mean over the batch);
     ``energy`` is the relaxed energy per sample; ``errors`` maps each node to its error.
     ``energy_trace`` holds the energy per sample after initialisation and after every step
-    when the engine was asked to record it.
+    when the engine was asked to record it. ``steps`` is the number of inference steps taken
+    (``T``, or fewer when adaptive inference stopped early).
     """
 
     loss: torch.Tensor
@@ -67,6 +70,7 @@ class PCResult:
     logits: torch.Tensor
     errors: dict[str, torch.Tensor]
     energy_trace: list[torch.Tensor] = field(default_factory=list)
+    steps: int | None = None
 
     def error_norms(self) -> dict[str, float]:
         """Per-node error norm, averaged over the batch (one sync)."""
@@ -156,7 +160,7 @@ def hidden_energy(graph: PCGraph, errors: dict[str, torch.Tensor]) -> torch.Tens
 
 def make_result(logits: torch.Tensor, y: torch.Tensor, loss_sum: torch.Tensor,
                 energy: torch.Tensor, errors: dict[str, torch.Tensor],
-                trace: list[torch.Tensor]) -> PCResult:
+                trace: list[torch.Tensor], steps: int | None = None) -> PCResult:
     """``loss_sum``: the output loss of the feedforward logits, summed over the batch."""
     n = logits.shape[0]
     logits = logits.detach()
@@ -167,4 +171,5 @@ def make_result(logits: torch.Tensor, y: torch.Tensor, loss_sum: torch.Tensor,
         logits=logits,
         errors=errors,
         energy_trace=[t.detach() / n for t in trace],
+        steps=steps,
     )

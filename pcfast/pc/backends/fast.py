@@ -124,6 +124,8 @@ class FastBackend(PCBackend):
                     + (", epc=True error-based PC" if settings.epc else "") + ")")
         if settings.state_momentum:
             return "the fast backend runs plain state steps only (state_momentum=0)"
+        if settings.tol is not None:
+            return "the fast backend runs a fixed number of steps (tol=None)"
         return None
 
     def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
@@ -180,7 +182,7 @@ class FastBackend(PCBackend):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         flat = kept.to(acc)
         energy = 0.5 * torch.dot(flat, flat) + base_energy
-        return make_result(logits, y, base_energy, energy, errors, trace)
+        return make_result(logits, y, base_energy, energy, errors, trace, s.T)
 
     def graphable(self, device: torch.device, s: PCSettings, rules: dict[str, Rule]) -> bool:
         """Whether the relaxation runs from a CUDA graph: CUDA tensors, ``cuda_graph=True``, no

@@ -76,6 +76,28 @@ class StateSteps:
         return x - self.rate * (g + self.m * v if self.nesterov else v)
 
 
+class StopRule:
+    """Adaptive inference: ``T`` is a maximum; with ``tol`` set, every ``check_every`` steps the
+    energy is read (one host synchronisation) and inference stops once it changed by at most
+    ``tol`` relative to the previous reading: ``|E_prev - E| <= tol |E_prev|``.
+
+    ``done(t, energy)`` is asked before step ``t`` (``t`` steps taken so far); ``energy`` is a
+    callable, evaluated only at the readings.
+    """
+
+    def __init__(self, s: PCSettings) -> None:
+        self.tol, self.every = s.tol, s.check_every
+        self.previous: float | None = None
+
+    def done(self, t: int, energy: Callable[[], torch.Tensor]) -> bool:
+        if self.tol is None or t % self.every:
+            return False
+        with torch.no_grad():
+            now = float(energy())
+        previous, self.previous = self.previous, now
+        return previous is not None and abs(previous - now) <= self.tol * abs(previous)
+
+
 class ReferenceBackend(PCBackend):
     """FPA and strict PC on autograd; runs anything on any device.
 
@@ -135,7 +157,11 @@ class ReferenceBackend(PCBackend):
                     return relax(errors[name], b, s)
                 return steps.update(name, errors[name], errors[name] - clamp(b, s))
 
-            for _ in range(s.T):
+            stop, taken = StopRule(s), s.T
+            for t in range(s.T):
+                if stop.done(t, lambda: hidden_energy(g, errors) + base_energy):
+                    taken = t
+                    break
                 if s.schedule == "jacobi":
                     back = torch.autograd.grad([mus[v] for v in senders], hidden_leaves,
                                                [errors[v] for v in senders], retain_graph=True)
@@ -154,7 +180,7 @@ class ReferenceBackend(PCBackend):
                                          [errors[n.name] for n in g.nodes])
         accumulate(params, grads, x.shape[0], sign=-1.0)
         energy = hidden_energy(g, errors) + base_energy
-        return make_result(logits, y, base_energy, energy, errors, trace)
+        return make_result(logits, y, base_energy, energy, errors, trace, taken)
 
     # --------------------------------------------------------------------------- strict
     def _predict(self, values: dict[str, torch.Tensor], names=None) -> dict[str, torch.Tensor]:
@@ -187,7 +213,11 @@ class ReferenceBackend(PCBackend):
             if s.record_energy:
                 with torch.no_grad():
                     trace.append(self._strict_energy(values, self._predict(values), y, s))
-            for _ in range(s.T):
+            stop, taken = StopRule(s), s.T
+            for t in range(s.T):
+                if stop.done(t, lambda: self._strict_energy(values, self._predict(values), y, s)):
+                    taken = t
+                    break
                 if weight_step is None:
                     self._strict_step(values, y, s, steps)
                 else:
@@ -208,7 +238,7 @@ class ReferenceBackend(PCBackend):
             errors = {name: values[name] - mus[name] for name in g.hidden}
             errors[g.output] = output_error(mus[g.output], y, s.output_loss)
         ff_loss = output_energy(logits, y, s.output_loss)
-        return make_result(logits, y, ff_loss, energy.detach(), errors, trace)
+        return make_result(logits, y, ff_loss, energy.detach(), errors, trace, taken)
 
     def _strict_step(self, values, y, s: PCSettings, steps: StateSteps, params=()) -> tuple:
         """One inference step (jacobi, or a sequential sweep) on ``values`` in place; returns
@@ -253,11 +283,15 @@ class ReferenceBackend(PCBackend):
         trace = []
         steps = StateSteps(s)
         with torch.enable_grad(), frozen_running_stats(g.modules):
-            for _ in range(s.T):
+            stop, taken = StopRule(s), s.T
+            for t in range(s.T):
                 leaves = {k: e.detach().requires_grad_(True) for k, e in errors.items()}
                 vals = self._epc_forward(x, leaves, fixed)
                 energy = hidden_energy(g, leaves) + output_energy(vals[g.output], y,
                                                                   s.output_loss)
+                if stop.done(t, energy.detach):
+                    taken = t
+                    break
                 if s.record_energy:
                     trace.append(energy.detach())
                 grads = torch.autograd.grad(energy, list(leaves.values()))
@@ -278,7 +312,7 @@ class ReferenceBackend(PCBackend):
             out = {name: values[name] - mus[name] for name in g.hidden}
             out[g.output] = output_error(mus[g.output], y, s.output_loss)
         ff_loss = output_energy(logits, y, s.output_loss)
-        return make_result(logits, y, ff_loss, energy.detach(), out, trace)
+        return make_result(logits, y, ff_loss, energy.detach(), out, trace, taken)
 
     # ------------------------------------------------------------------------------ iPC
     def run_incremental(self, x: torch.Tensor, y: torch.Tensor, settings: PCSettings,
