@@ -50,6 +50,8 @@ HELP = {
     "tol": "adaptive inference: stop when the energy changes by at most this fraction between "
            "two readings (T becomes the maximum; reference backend)",
     "check_every": "inference steps between two energy readings under --tol",
+    "precision": "JSON object node -> precision of its energy term (strict PC, iPC, ePC), e.g. "
+                 "'{\"layer0\": 2.0}'; unnamed nodes keep 1",
     "epc": "error-based PC: the errors are the free variables, one forward+backward per step "
            "(needs --no-fpa, jacobi; reference backend)",
     "pc_backend": "PC engine backend: auto (fast on CUDA under FPA, else reference), fast, reference",
@@ -93,7 +95,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         shown = "" if default in (None, {}, "") else f" (default: {default})"
         kw: dict[str, Any] = {"default": None, "dest": f.name, "help": HELP.get(f.name, "") + shown}
         args = typing.get_args(hint)
-        if f.name == "model_kwargs":
+        if f.name in ("model_kwargs", "precision"):
             p.add_argument(flag, type=json.loads, **kw)
         elif f.name == "rule_options":
             p.add_argument("--rule-option", action="append", metavar="KEY=VALUE", **kw)

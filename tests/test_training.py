@@ -71,9 +71,11 @@ def test_epc_trains_from_the_command_line(tmp_path):
     assert main(["train", "--model", "mlp", "--model-kwargs", '{"hidden": [32]}', "--synthetic",
                  "--train-subset", "512", "--test-subset", "256", "--batch-size", "64",
                  "--rule", "pc", "--no-fpa", "--epc", "--T", "3", "--rate", "0.3",
+                 "--precision", '{"fc0": 2.0}',
                  "--lr", "3e-3", "--lr-schedule", "constant", "--epochs", "2", "--no-progress",
                  "--out-dir", str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["epc"] is True
+    config = json.loads((out / "config.json").read_text())
+    assert config["epc"] is True and config["precision"] == {"fc0": 2.0}
     assert read_metrics(out / "metrics.jsonl")[-1]["test_acc"] > 0.3  # chance is 0.1
 
 

@@ -29,6 +29,7 @@ from pcfast.pc.backends.base import BackendUnavailable, PCBackend, PCResult, PCS
 from pcfast.pc.backends.reference import ReferenceBackend
 from pcfast.pc.energy import OUTPUT_LOSSES
 from pcfast.pc.graph import PCGraph
+from pcfast.pc.precision import as_precision
 
 SCHEDULES = ("jacobi", "sequential")
 BACKENDS = ("reference", "fast", "auto")
@@ -75,6 +76,11 @@ class PCEngine:
             apart (one host synchronisation per reading). ``PCResult.steps`` reports the steps
             taken. FPA, strict PC and ePC; reference backend (``auto`` picks it).
         check_every: steps between two energy readings under ``tol``.
+        precision: precision weighting ``F = sum_v pi_v(t)/2 ||e_v||^2 + pi_out(t) L``: a mapping
+            node -> constant or schedule ``t -> pi`` (:mod:`pcfast.pc.precision`), or one callable
+            ``(node, t) -> pi``; unnamed nodes keep 1. Strict PC, iPC and ePC (reference
+            backend); ``None`` (default) is the unweighted energy, and all precisions 1 give
+            bit-identical results.
 
     Example::
 
@@ -88,7 +94,7 @@ class PCEngine:
                  record_energy: bool = False, backend_options: dict | None = None,
                  state_momentum: float = 0.0, state_nesterov: bool = False,
                  ipc: bool = False, epc: bool = False, tol: float | None = None,
-                 check_every: int = 5) -> None:
+                 check_every: int = 5, precision=None) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if output_loss not in OUTPUT_LOSSES:
@@ -124,6 +130,9 @@ class PCEngine:
             raise ValueError(f"tol must be positive or None, got {tol}")
         if check_every < 1 or int(check_every) != check_every:
             raise ValueError(f"check_every must be a positive integer, got {check_every}")
+        if precision is not None and fpa:
+            raise ValueError("precision weighting runs with strict PC, iPC and ePC: pass "
+                             "fpa=False with it")
         if tol is not None and ipc:
             raise ValueError("tol (adaptive inference) is not defined for ipc=True, whose weights "
                              "move at every step; use a fixed T")
@@ -156,6 +165,7 @@ class PCEngine:
         self.epc = bool(epc)
         self.tol = None if tol is None else float(tol)
         self.check_every = int(check_every)
+        self.precision = as_precision(precision, [*graph.hidden, graph.output])
         self.backend_options = dict(backend_options or {})
         self._reference = ReferenceBackend(graph)
         self._fast: PCBackend | None = None
@@ -174,7 +184,8 @@ class PCEngine:
                           output_loss=self.output_loss, error_clamp=self.error_clamp,
                           record_energy=self.record_energy, state_momentum=self.state_momentum,
                           state_nesterov=self.state_nesterov, ipc=self.ipc, epc=self.epc,
-                          tol=self.tol, check_every=self.check_every)
+                          tol=self.tol, check_every=self.check_every,
+                          precision=self.precision)
 
     # ----------------------------------------------------------------------------- public
     def step(self, x: torch.Tensor, y: torch.Tensor,

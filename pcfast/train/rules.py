@@ -74,7 +74,8 @@ class PCRule(Rule):
                                error_clamp=cfg.error_clamp, backend=cfg.pc_backend,
                                state_momentum=cfg.state_momentum,
                                state_nesterov=cfg.state_nesterov, ipc=cfg.ipc,
-                               epc=cfg.epc, tol=cfg.tol, check_every=cfg.check_every)
+                               epc=cfg.epc, tol=cfg.tol, check_every=cfg.check_every,
+                               precision=cfg.precision or None)
 
     def train_step(self, x, y, optimizer):
         self.model.train()

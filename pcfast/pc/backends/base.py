@@ -14,7 +14,7 @@ on this exception and lets every other one (programming errors included) propaga
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +51,8 @@ class PCSettings:
     epc: bool = False
     tol: float | None = None
     check_every: int = 5
+    # precision weighting: pi(node, t) -> float, t = inference steps taken; None: all 1
+    precision: Callable[[str, int], float] | None = None
 
 
 @dataclass

@@ -76,6 +76,11 @@ class StateSteps:
         return x - self.rate * (g + self.m * v if self.nesterov else v)
 
 
+def weighted(name: str, term: torch.Tensor, s: PCSettings, t: int) -> torch.Tensor:
+    """``term * pi_name(t)`` under precision weighting, else ``term`` itself."""
+    return term if s.precision is None else term * s.precision(name, t)
+
+
 class StopRule:
     """Adaptive inference: ``T`` is a maximum; with ``tol`` set, every ``check_every`` steps the
     energy is read (one host synchronisation) and inference stops once it changed by at most
@@ -188,10 +193,14 @@ class ReferenceBackend(PCBackend):
         return {n.name: n.fn(*(values[p] for p in n.parents))
                 for n in g.nodes if names is None or n.name in names}
 
-    def _strict_energy(self, values, mus, y, s: PCSettings) -> torch.Tensor:
+    def _strict_energy(self, values, mus, y, s: PCSettings, t: int = 0) -> torch.Tensor:
+        """``sum_v pi_v(t)/2 ||x_v - mu_v||^2 + pi_out(t) L`` over the nodes in ``mus``
+        (precisions 1 without ``s.precision``)."""
         g = self.graph
-        hidden = sum(0.5 * (values[n] - mus[n]).pow(2).sum() for n in g.hidden if n in mus)
-        out = output_energy(mus[g.output], y, s.output_loss) if g.output in mus else 0.0
+        hidden = sum(weighted(n, 0.5 * (values[n] - mus[n]).pow(2).sum(), s, t)
+                     for n in g.hidden if n in mus)
+        out = (weighted(g.output, output_energy(mus[g.output], y, s.output_loss), s, t)
+               if g.output in mus else 0.0)
         return hidden + out
 
     def _run_strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings,
@@ -215,23 +224,25 @@ class ReferenceBackend(PCBackend):
                     trace.append(self._strict_energy(values, self._predict(values), y, s))
             stop, taken = StopRule(s), s.T
             for t in range(s.T):
-                if stop.done(t, lambda: self._strict_energy(values, self._predict(values), y, s)):
+                if stop.done(t, lambda t=t: self._strict_energy(values, self._predict(values),
+                                                                y, s, t)):
                     taken = t
                     break
                 if weight_step is None:
-                    self._strict_step(values, y, s, steps)
+                    self._strict_step(values, y, s, steps, t)
                 else:
-                    wgrads = self._strict_step(values, y, s, steps, params)
+                    wgrads = self._strict_step(values, y, s, steps, t, params)
                     for p in params:
                         p.grad = None
                     accumulate(params, wgrads, n)
                     weight_step()
                 if s.record_energy:
                     with torch.no_grad():
-                        trace.append(self._strict_energy(values, self._predict(values), y, s))
+                        trace.append(self._strict_energy(values, self._predict(values), y, s,
+                                                         t + 1))
             with torch.set_grad_enabled(weight_step is None):
                 mus = self._predict(values)
-                energy = self._strict_energy(values, mus, y, s)
+                energy = self._strict_energy(values, mus, y, s, taken)
             if weight_step is None:
                 accumulate(params, torch.autograd.grad(energy, params, allow_unused=True), n)
         with torch.no_grad():
@@ -240,18 +251,19 @@ class ReferenceBackend(PCBackend):
         ff_loss = output_energy(logits, y, s.output_loss)
         return make_result(logits, y, ff_loss, energy.detach(), errors, trace, taken)
 
-    def _strict_step(self, values, y, s: PCSettings, steps: StateSteps, params=()) -> tuple:
-        """One inference step (jacobi, or a sequential sweep) on ``values`` in place; returns
+    def _strict_step(self, values, y, s: PCSettings, steps: StateSteps, t: int,
+                     params=()) -> tuple:
+        """Inference step ``t`` (jacobi, or a sequential sweep) on ``values`` in place; returns
         ``dF/dtheta`` for ``params`` at the step's starting point (empty without params)."""
         if s.schedule == "jacobi":
-            return self._strict_jacobi_step(values, y, s, steps, params)
+            return self._strict_jacobi_step(values, y, s, steps, t, params)
         wgrads: tuple = ()
         if params:
             g = self.graph
             leaves = {k: v if k == g.input_name else v.detach() for k, v in values.items()}
-            energy = self._strict_energy(leaves, self._predict(leaves), y, s)
+            energy = self._strict_energy(leaves, self._predict(leaves), y, s, t)
             wgrads = torch.autograd.grad(energy, params, allow_unused=True)
-        self._strict_sequential_sweep(values, y, s, steps)
+        self._strict_sequential_sweep(values, y, s, steps, t)
         return wgrads
 
     # ------------------------------------------------------------------------------ ePC
@@ -270,6 +282,11 @@ class ReferenceBackend(PCBackend):
             vals[node.name] = mu + errors[node.name] if node.name in errors else mu
         return vals
 
+    def _epc_energy(self, errors, logits, y, s: PCSettings, t: int) -> torch.Tensor:
+        g = self.graph
+        hidden = sum(weighted(n, 0.5 * errors[n].pow(2).sum(), s, t) for n in g.hidden)
+        return hidden + weighted(g.output, output_energy(logits, y, s.output_loss), s, t)
+
     def _run_epc(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
         g = self.graph
         with torch.no_grad():
@@ -287,8 +304,7 @@ class ReferenceBackend(PCBackend):
             for t in range(s.T):
                 leaves = {k: e.detach().requires_grad_(True) for k, e in errors.items()}
                 vals = self._epc_forward(x, leaves, fixed)
-                energy = hidden_energy(g, leaves) + output_energy(vals[g.output], y,
-                                                                  s.output_loss)
+                energy = self._epc_energy(leaves, vals[g.output], y, s, t)
                 if stop.done(t, energy.detach):
                     taken = t
                     break
@@ -303,7 +319,7 @@ class ReferenceBackend(PCBackend):
             values = {name: vals[name] for name in g.hidden}
             values[g.input_name] = x
             mus = self._predict(values)
-            energy = self._strict_energy(values, mus, y, s)
+            energy = self._strict_energy(values, mus, y, s, taken)
             params = g.parameters()
             accumulate(params, torch.autograd.grad(energy, params, allow_unused=True), x.shape[0])
         if s.record_energy:
@@ -332,13 +348,14 @@ class ReferenceBackend(PCBackend):
 
     @staticmethod
     def _strict_update(name: str, value: torch.Tensor, e: torch.Tensor, grad: torch.Tensor,
-                       s: PCSettings, steps: StateSteps) -> torch.Tensor:
-        back = e - grad  # dF/dx_u = e_u - sum_v J_vu^T e_v
+                       s: PCSettings, steps: StateSteps, t: int) -> torch.Tensor:
+        e = weighted(name, e, s, t)
+        back = e - grad  # dF/dx_u = pi_u e_u - sum_v pi_v J_vu^T e_v
         if s.state_momentum:
             return steps.update(name, value, e - clamp(back, s))
         return value - s.rate * (e - clamp(back, s))
 
-    def _strict_jacobi_step(self, values, y, s: PCSettings, steps: StateSteps,
+    def _strict_jacobi_step(self, values, y, s: PCSettings, steps: StateSteps, t: int,
                             params=()) -> tuple:
         """One jacobi step on ``values`` (in place); returns ``dF/dtheta`` for ``params`` at
         the step's starting point (same autograd pass; empty without params)."""
@@ -346,15 +363,17 @@ class ReferenceBackend(PCBackend):
         leaves = {k: (v if k == g.input_name else v.detach().requires_grad_(True))
                   for k, v in values.items()}
         mus = self._predict(leaves)
-        energy = self._strict_energy(leaves, mus, y, s)
+        energy = self._strict_energy(leaves, mus, y, s, t)
         hidden = [leaves[n] for n in g.hidden]
         grads = torch.autograd.grad(energy, hidden + list(params), allow_unused=True)
         for name, grad in zip(g.hidden, grads):
             e = (values[name] - mus[name]).detach()
-            values[name] = self._strict_update(name, values[name], e, grad, s, steps).detach()
+            values[name] = self._strict_update(name, values[name], e, grad, s, steps,
+                                               t).detach()
         return grads[len(hidden):]
 
-    def _strict_sequential_sweep(self, values, y, s: PCSettings, steps: StateSteps) -> None:
+    def _strict_sequential_sweep(self, values, y, s: PCSettings, steps: StateSteps,
+                                 t: int) -> None:
         g = self.graph
         for name in reversed(g.hidden):
             leaf = values[name].detach().requires_grad_(True)
@@ -362,7 +381,8 @@ class ReferenceBackend(PCBackend):
             local[name] = leaf
             kids = {k.name for k in g.children[name]}
             mus = self._predict(local, kids | {name})
-            energy = self._strict_energy(local, mus, y, s)
+            energy = self._strict_energy(local, mus, y, s, t)
             (grad,) = torch.autograd.grad(energy, leaf)
             e = (values[name] - mus[name]).detach()
-            values[name] = self._strict_update(name, values[name], e, grad, s, steps).detach()
+            values[name] = self._strict_update(name, values[name], e, grad, s, steps,
+                                               t).detach()
