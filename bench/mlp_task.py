@@ -325,7 +325,9 @@ def check_against_engine(math_: str, T: int, rate: float, batch: int = 8,
         hand_params = flat_params(hand_layers)
         hand_ipc_step(hand_params, torch.optim.Adam(hand_params, lr=1e-2), x, y, T, rate)
         EngineLoop(layers, "ipc", "reference", T, rate, 1e-2)(x, y)
-        moved = max_rel_diff(params, flat_params(make_layers(sizes, seed, torch.float64)))
+        moved = max_rel_diff([p.detach() for p in params],
+                             [p.detach() for p in flat_params(make_layers(sizes, seed,
+                                                                          torch.float64))])
         if not moved > 1e-6:
             raise AssertionError("iPC check: the weights did not move")
         return max_rel_diff([p.detach() for p in hand_params], [p.detach() for p in params])

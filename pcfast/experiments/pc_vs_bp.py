@@ -90,16 +90,21 @@ def run(args: Any) -> dict[str, list[dict[str, Any]]]:
     base_seed = getattr(args, "seed", 0)
     seeds = [base_seed + i for i in range(SEEDS)]
     results: dict[str, list[dict[str, Any]]] = {}
-    settings: dict[str, dict[str, Any]] = {}
     for net in nets:
         model, kwargs = ZOO[net]
         for label, options in rule_options(net).items():
             for s in seeds:
                 name = f"{net}-{label}-s{s}"
-                settings[name] = options
-                run_args = _with_seed(args, s)
-                results[name] = train_run(run_args, NAME, name, PRESET, model=model,
+                results[name] = train_run(_with_seed(args, s), NAME, name, PRESET, model=model,
                                           model_kwargs=kwargs, **options)
+    report(out, results, nets, seeds)
+    return results
+
+
+def report(out, results: dict[str, list[dict[str, Any]]], nets, seeds) -> None:
+    """``curves.png`` and ``summary.md`` of the runs ``{net}-{rule}-s{seed}`` in ``results``."""
+    settings = {f"{net}-{label}-s{s}": options for net in nets
+                for label, options in rule_options(net).items() for s in seeds}
     panels = {net: {k: v for k, v in results.items() if k.startswith(f"{net}-")} for net in nets}
     plot_error_panels(panels, out / "curves.png", x="epoch")
     table = []
@@ -123,7 +128,6 @@ def run(args: Any) -> dict[str, list[dict[str, Any]]]:
         "![curves](curves.png)",
     ]
     write_summary(out / "summary.md", "PC vs BP on the same conv nets", sections)
-    return results
 
 
 def _with_seed(args: Any, seed: int) -> Any:
