@@ -124,3 +124,15 @@ def test_schedules_and_validation():
         PCEngine(graph, fpa=False, precision={"layer0": -1.0})
     with pytest.raises(ValueError, match="factor"):
         decaying(2.0, 1.5)
+    with pytest.raises(ValueError, match="shape"):
+        PCEngine(graph, fpa=False, precision={"layer0": {"ramp": [1, 2]}})
+
+
+def test_json_schedules_and_the_default_key():
+    from pcfast.pc.precision import as_precision
+
+    pi = as_precision({"*": {"decaying": [5.0, 0.5]}, "layer1": {"spiking": [3.0, 1]},
+                       "layer2": 0.25}, ["layer0", "layer1", "layer2"])
+    assert [pi("layer0", t) for t in range(3)] == [5.0, 3.0, 2.0]
+    assert [pi("layer1", t) for t in range(2)] == [3.0, 1.0]
+    assert pi("layer2", 7) == 0.25

@@ -4,7 +4,9 @@ A precision is given per node, as a constant or as a schedule over the inference
 (the number of steps taken when the energy is formed: ``t = 0`` drives the first step, the
 final weight gradients use ``t = steps taken``). :func:`as_precision` turns what a user passes
 (``{node: value or schedule}`` or one callable ``(node, t) -> value``) into that callable; nodes
-not named keep precision 1. Two schedule shapes are provided:
+not named keep precision 1, the key ``"*"`` sets every node not named otherwise. A schedule is a
+callable ``t -> value`` or, JSON-friendly (``pcfast train --precision``), ``{"decaying": [start,
+factor]}`` or ``{"spiking": [value, steps]}``. Two schedule shapes are provided:
 
 - :func:`decaying`: ``1 + (start - 1) * factor**t``, from ``start`` towards 1;
 - :func:`spiking`: ``value`` for the first ``steps`` steps, then 1.
@@ -54,15 +56,31 @@ def as_precision(spec: Mapping[str, float | Schedule] | Precision | None,
         raise TypeError(f"precision must be a mapping node -> value/schedule or a callable "
                         f"(node, t) -> value, got {type(spec).__name__}")
     known = list(nodes)
-    unknown = sorted(set(spec) - set(known))
+    unknown = sorted(set(spec) - set(known) - {"*"})
     if unknown:
         raise ValueError(f"precision names unknown nodes {unknown}; the graph's hidden and "
                          f"output nodes are: {known}")
-    table: dict[str, Schedule] = {}
-    for name, v in spec.items():
-        if callable(v):
-            table[name] = v
-        else:
-            _check_value(f"precision of {name!r}", v)
-            table[name] = lambda t, v=float(v): v
-    return lambda name, t: table[name](t) if name in table else 1.0
+    table = {name: _schedule(name, v) for name, v in spec.items()}
+    default = table.pop("*", None)
+
+    def precision(name: str, t: int) -> float:
+        fn = table.get(name, default)
+        return 1.0 if fn is None else fn(t)
+
+    return precision
+
+
+SHAPES = {"decaying": decaying, "spiking": spiking}
+
+
+def _schedule(name: str, v) -> Schedule:
+    if callable(v):
+        return v
+    if isinstance(v, Mapping):
+        if len(v) != 1 or next(iter(v)) not in SHAPES:
+            raise ValueError(f"precision of {name!r}: a schedule is {{shape: [args]}} with shape "
+                             f"one of {sorted(SHAPES)}, got {dict(v)!r}")
+        shape, args = next(iter(v.items()))
+        return SHAPES[shape](*args)
+    _check_value(f"precision of {name!r}", v)
+    return lambda t, v=float(v): v

@@ -56,7 +56,7 @@ class TrainConfig:
     epc: bool = False
     tol: float | None = None
     check_every: int = 5
-    precision: dict[str, float] = field(default_factory=dict)
+    precision: dict[str, Any] = field(default_factory=dict)
     pc_backend: str = "auto"
     # data
     data_dir: str | None = None
