@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--train-subset", type=int, default=None, metavar="N",
                      help="train every run on the first N training images")
     exp.add_argument("--nets", nargs="+", default=None,
-                     help="pc-vs-bp only: the nets to train (default: cnn rescnn)")
+                     help="pc-vs-bp (default: cnn rescnn) and deep-pc (default: resdualnet "
+                          "resnet18): the nets to train")
     exp.add_argument("--device", default="auto")
     exp.add_argument("--data-dir", default=None)
     exp.add_argument("--allow-unofficial-data", action="store_true")

@@ -43,9 +43,12 @@ RUNS = {
     "resnet18-34": ["resnet18", "resnet34"],
     "pc-vs-bp": [f"{net}-{rule}-s{seed}" for net in ("cnn", "rescnn")
                  for rule in ("bp", "fpa", "strict") for seed in (0, 1)],
+    "deep-pc": [f"{net}-{rule}" for net in ("resdualnet", "resnet18")
+                for rule in ("bp", "fpa", "strict", "ipc", "epc", "precision")],
 }
 PLOTS = {"resnet-depth": "degradation.png", "preprocessing": "curves.png",
-         "model-zoo": "curves.png", "resnet18-34": "curves.png", "pc-vs-bp": "curves.png"}
+         "model-zoo": "curves.png", "resnet18-34": "curves.png", "pc-vs-bp": "curves.png",
+         "deep-pc": "curves.png"}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -73,6 +76,13 @@ def test_quick_experiment_end_to_end(name, tmp_path):
         configs = {r: json.loads((tmp_path / r / "config.json").read_text()) for r in RUNS[name]}
         assert configs["cnn-strict-s1"]["seed"] == 1 and configs["cnn-strict-s1"]["fpa"] is False
         assert configs["rescnn-bp-s0"]["rule"] == "bp"
+    if name == "deep-pc":
+        configs = {r: json.loads((tmp_path / r / "config.json").read_text()) for r in RUNS[name]}
+        assert configs["resnet18-epc"]["epc"] and configs["resnet18-epc"]["T"] == 3  # quick cap
+        assert configs["resnet18-epc"]["rate"] == 0.001
+        assert configs["resdualnet-ipc"]["ipc"] and not configs["resdualnet-ipc"]["fpa"]
+        assert configs["resdualnet-precision"]["precision"] == {"*": {"decaying": [4.0, 0.5]}}
+        assert "| resnet18-epc | PC ePC jacobi T=3 rate 0.001 |" in summary
     if name == "model-zoo":
         assert "| 1,132,170 |" in summary  # MLP-Mixer p4 C128 N8 D_S 64 D_C 512, by hand:
         # patch 3*4*4*128+128 + 8 * (4*128 + 64*64*2+64+64 + 128*512*2+512+128) + 256 + 1290
@@ -164,3 +174,5 @@ def test_experiments_train_subset_and_nets_flags(tmp_path):
     assert json.loads((tmp_path / "cnn-bp-s0" / "config.json").read_text())["train_subset"] == 16
     with pytest.raises(ValueError, match="unknown"):
         load_all()["pc-vs-bp"].fn(_args(tmp_path, nets=["vgg"]))
+    with pytest.raises(ValueError, match=r"deep-pc runs the nets .*unknown: \['cnn'\]"):
+        load_all()["deep-pc"].fn(_args(tmp_path, nets=["cnn"]))

@@ -30,7 +30,7 @@ from pcfast.experiments.report import (
     plot_error_panels,
     write_summary,
 )
-from pcfast.experiments.runner import run_dir, train_run
+from pcfast.experiments.runner import chosen_nets, run_dir, train_run
 from pcfast.models import build_model
 from pcfast.train.presets import register_preset
 
@@ -83,10 +83,7 @@ def gap_rows(results: dict[str, list[dict[str, Any]]], nets, seeds) -> list[list
 def run(args: Any) -> dict[str, list[dict[str, Any]]]:
     """Train every (net, rule, seed) run (resuming), then plot and tabulate."""
     out = run_dir(args, NAME)
-    nets = list(getattr(args, "nets", None) or NETS)
-    unknown = sorted(set(nets) - set(NETS))
-    if unknown:
-        raise ValueError(f"pc-vs-bp runs the nets {NETS}; unknown: {unknown}")
+    nets = chosen_nets(args, NAME, NETS, NETS)
     base_seed = getattr(args, "seed", 0)
     seeds = [base_seed + i for i in range(SEEDS)]
     results: dict[str, list[dict[str, Any]]] = {}

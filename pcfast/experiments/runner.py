@@ -44,6 +44,15 @@ def overrides(args: Any) -> dict[str, Any]:
     return values
 
 
+def chosen_nets(args: Any, experiment: str, known, default) -> list[str]:
+    """The nets ``--nets`` asked for (``default`` without it), each checked against ``known``."""
+    nets = list(getattr(args, "nets", None) or default)
+    unknown = sorted(set(nets) - set(known))
+    if unknown:
+        raise ValueError(f"{experiment} runs the nets {sorted(known)}; unknown: {unknown}")
+    return nets
+
+
 def train_run(args: Any, experiment: str, name: str, preset: str,
               **options: Any) -> list[dict[str, Any]]:
     """Train (or resume, or just reload) run ``name`` of ``experiment``; returns its rows.
