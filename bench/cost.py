@@ -47,9 +47,9 @@ checks linearity at 6), and the op count must not depend on the batch. Reported:
 
 Two counts per fast-path row: ``ops_per_step`` / ``x_bp_bytes`` count every registered pcfast
 op as one op, what a device with a fused kernel for each runs (the CPU, through ``pcfast._C``);
-``cuda_ops_per_step`` / ``cuda_x_bp_bytes`` count the ops that have no fused CUDA or Triton
-kernel yet (``pcfast.ops.cuda_composites()``) as the unfused PyTorch ops CUDA runs for them
-today: that is the figure for a GPU step until those kernels exist.
+``cuda_ops_per_step`` / ``cuda_x_bp_bytes`` count the ops that CUDA runs as several launches
+(``pcfast.ops.cuda_composites()``: the depthwise VJP as its two registered Triton passes, the
+1x1 conv VJP as a matmul plus the relax op) as those launches: the figure for a GPU step.
 
 Counts are of what the CPU dispatches. On CUDA a few modules pick device-specific ops that move
 the same data (``cudnn_batch_norm`` for ``native_batch_norm``); pcfast's C++ ops count only

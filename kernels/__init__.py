@@ -20,7 +20,7 @@ import torch
 # reduction and runs on the interpreter's numpy path with this combiner.
 from triton.language.standard import _sum_combine as sum_combine
 
-__all__ = ["for_device", "sum_combine"]
+__all__ = ["for_device", "scalar_parts", "sum_combine"]
 
 _INTERPRETED: dict[int, Any] = {}
 
@@ -41,3 +41,21 @@ def for_device(kernel: Any, device: torch.device) -> Any:
     if key not in _INTERPRETED:
         _INTERPRETED[key] = InterpretedFunction(kernel.fn)
     return _INTERPRETED[key]
+
+
+def scalar_parts(x: float | None) -> tuple[float, float, float]:
+    """``x`` as three float32 values ``hi + mid + lo`` that sum to it exactly: Triton passes a
+    Python float to a compiled kernel as float32, and 3 x 24 bits cover a float64's 53 (a kernel
+    adds the parts in its accumulation dtype). ``None`` gives zeros.
+
+    Example::
+
+        kernel[grid](..., *scalar_parts(rate))   # kernel: rate_hi, rate_mid, rate_lo
+    """
+    if x is None:
+        return 0.0, 0.0, 0.0
+    parts = []
+    for _ in range(3):
+        parts.append(float(torch.tensor(x, dtype=torch.float32)))
+        x -= parts[-1]
+    return parts[0], parts[1], parts[2]

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _assert import assert_within
+from _dw_case import dw_case
 
 from pcfast.ops import _ext
 from pcfast.ops.bn_relu_vjp import bn_saved_stats
@@ -23,7 +24,6 @@ from pcfast.ops.dw_bn_relu_vjp import (
     dw_bn_relu_vjp_relax,
     dw_bn_relu_vjp_relax_ref,
 )
-from pcfast.ops.dwconv import dual_path_dwconv_ref
 from pcfast.ops.pc_relax import pc_relax, pc_relax_ref
 
 EPS = 1e-5
@@ -79,18 +79,8 @@ def test_pc_relax_opcheck_and_errors():
 
 # ------------------------------------------------------------------------- dw_bn_relu_vjp
 def _case(shape, stride, dtype, affine=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    n, c, h, w = shape
-    x = torch.randn(shape, generator=gen, dtype=torch.float64)
-    wt = torch.randn(2 * c, 1, 3, 3, generator=gen, dtype=torch.float64) * 0.5
-    gamma = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5 if affine else None
-    beta = torch.randn(c, generator=gen, dtype=torch.float64) * 0.3 if affine else None
-    z = dual_path_dwconv_ref(x, wt, stride)
-    out = torch.relu(F.batch_norm(z, None, None, gamma, beta, training=True, eps=EPS))
-    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
-    return {k: cast(v) for k, v in dict(x=x, w=wt, gamma=gamma, beta=beta, z=z, out=out,
-                                          g=g).items()}
+    return {k: cast(v) for k, v in dw_case(shape, stride, affine, seed).items()}
 
 
 SHAPES = [(2, 3, 7, 9), (3, 1, 5, 5), (2, 5, 8, 6), (1, 4, 3, 5), (4, 2, 9, 1)]

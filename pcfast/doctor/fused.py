@@ -2,7 +2,7 @@
 
 Each op (``pcfast.ops.pc_relax``, ``dw_bn_relu_vjp_relax``, the merge and 1x1-conv relax ops) is
 run through its registered op (``auto``: the C++ kernel on CPU where ``pcfast._C`` is current, the
-composite on CUDA) and through its ``*_ref`` on the device, in float32, and compared with the
+Triton kernels on CUDA) and through its ``*_ref`` on the device, in float32, and compared with the
 ``*_ref`` in float64 on the CPU, with the tolerance rule of :mod:`pcfast.doctor.ops`.
 """
 

@@ -18,8 +18,8 @@ from pcfast.ops.pc_update import pc_update, pc_update_ref
 
 
 def cuda_composites() -> dict:
-    """``{"pcfast::op": callable}`` for the registered ops that CUDA runs as several unfused
-    PyTorch ops (no fused CUDA/Triton kernel yet), each callable taking the op's arguments."""
+    """``{"pcfast::op": callable}`` for the registered ops that CUDA runs as several launches
+    (each callable takes the op's arguments and dispatches what CUDA launches for it)."""
     import importlib
 
     out: dict = {}

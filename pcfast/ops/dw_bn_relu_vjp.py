@@ -9,8 +9,10 @@ update of the node it feeds as epilogue: ``out = lerp(e, clamp(dx + other), rate
 backend calls it when this VJP is the last contribution to that node).
 
 Backends: C++ on CPU (``pcfast._C``, one pass per plane after a per-channel reduction; the
-PyTorch reference when the extension is missing or stale); on CUDA the PyTorch composition
-(Triton ``bn_relu_vjp`` + the dwconv CUDA op; one registered op, several kernels inside).
+PyTorch reference when the extension is missing or stale); on CUDA two Triton passes, each a
+registered op of :mod:`pcfast.ops.dw_bn_relu_passes` (a per-channel reduction, then the
+transposed depthwise conv forming the BatchNorm VJP on the fly, with the relax epilogue), for
+NCHW-contiguous tensors; the PyTorch composition otherwise.
 
 Registered ops: ``pcfast::dw_bn_relu_vjp`` (returns ``dx``) and ``pcfast::dw_bn_relu_vjp_relax``
 (mutates ``out``).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from pcfast.ops import _ext
+from pcfast.ops.dw_bn_relu_passes import triton_fits
 from pcfast.ops.dwconv import dual_path_dwconv_ref, summed_kernel
 from pcfast.ops.pc_relax import pc_relax_ref
 
@@ -129,10 +132,48 @@ def _dw_bn_relu_vjp_relax_fake(g, z, dead, gamma, mean, invstd, weight, stride, 
     return None
 
 
-# What CUDA runs for each op until it has a fused kernel there: bench/cost.py counts these
-# unfused ops, not one op, for a GPU's step.
-CUDA_COMPOSITES = {"pcfast::dw_bn_relu_vjp": _composite,
-                   "pcfast::dw_bn_relu_vjp_relax": dw_bn_relu_vjp_relax_ref}
+# ---------------------------------------------------- CUDA: two Triton passes (ops)
+def dw_bn_relu_vjp_cuda(g, z, dead, gamma, mean, invstd, weight, stride, in_h, in_w):
+    """What CUDA runs for ``pcfast::dw_bn_relu_vjp``: ``bn_relu_partials``, then
+    ``dw_bn_relu_apply`` into a new tensor (the composition for non-contiguous tensors)."""
+    if not triton_fits(g, z, dead, weight):
+        return _composite(g, z, dead, gamma, mean, invstd, weight, stride, in_h, in_w)
+    dx = g.new_empty((g.shape[0], g.shape[1], in_h, in_w))
+    part = torch.ops.pcfast.bn_relu_partials(g, z, dead, mean, invstd)
+    torch.ops.pcfast.dw_bn_relu_apply(g, z, dead, gamma, mean, invstd, part, weight, stride, None,
+                                      None, 1.0, None, dx)
+    return dx
+
+
+def dw_bn_relu_vjp_relax_cuda(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
+                              clamp, out) -> None:
+    """What CUDA runs for ``pcfast::dw_bn_relu_vjp_relax``: ``bn_relu_partials``, then
+    ``dw_bn_relu_apply`` with the relax epilogue (the reference for non-contiguous tensors)."""
+    if not triton_fits(g, z, dead, weight, e, other, out):
+        dw_bn_relu_vjp_relax_ref(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
+                                 clamp, out)
+        return
+    part = torch.ops.pcfast.bn_relu_partials(g, z, dead, mean, invstd)
+    torch.ops.pcfast.dw_bn_relu_apply(g, z, dead, gamma, mean, invstd, part, weight, stride, e,
+                                      other, rate, clamp, out)
+
+
+@_dw_bn_relu_vjp_op.register_kernel("cuda")
+def _dw_bn_relu_vjp_cuda(g, z, dead, gamma, mean, invstd, weight, stride, in_h, in_w):
+    return dw_bn_relu_vjp_cuda(g, z, dead, gamma, mean, invstd, weight, stride, in_h, in_w)
+
+
+@_dw_bn_relu_vjp_relax_op.register_kernel("cuda")
+def _dw_bn_relu_vjp_relax_cuda(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
+                               clamp, out):
+    dw_bn_relu_vjp_relax_cuda(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
+                              clamp, out)
+
+
+# What CUDA runs for each op as several launches: bench/cost.py counts these (two registered
+# passes each), not one op, for a GPU's step.
+CUDA_COMPOSITES = {"pcfast::dw_bn_relu_vjp": dw_bn_relu_vjp_cuda,
+                   "pcfast::dw_bn_relu_vjp_relax": dw_bn_relu_vjp_relax_cuda}
 
 
 def _check(g, z, dead, weight, stride) -> None:

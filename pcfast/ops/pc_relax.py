@@ -9,7 +9,8 @@ with ``out`` the other half of a double buffer the jacobi schedule needs no copy
 
 Registered as ``pcfast::pc_relax`` (one dispatched op; mutates ``out``). On CPU it runs the C++
 kernel ``pcfast::pc_relax_cpu`` (``pcfast._C``) for contiguous tensors of one dtype, else the
-PyTorch reference; on CUDA the PyTorch reference (no fused kernel yet).
+PyTorch reference; on CUDA the Triton kernel ``kernels/relax.py`` (one pass) for up to four
+``backs`` of ``e``'s shape, else the PyTorch reference (broadcast ``backs``).
 """
 
 from __future__ import annotations
@@ -54,14 +55,40 @@ def _pc_relax_op(e: torch.Tensor, backs: list[torch.Tensor], rate: float,
     pc_relax_ref(e, backs, rate, clamp, out)
 
 
+def triton_relax():
+    """The Triton relax kernels (``pcfast.kernels.relax``), or None without Triton."""
+    try:
+        from pcfast.kernels import relax
+    except ImportError:
+        return None
+    return relax
+
+
+def pc_relax_triton(e, backs, rate, clamp, out) -> None:
+    """What CUDA runs for ``pcfast::pc_relax``: the Triton kernel where it applies (contiguous
+    tensors of one shape, at most four ``backs``), else the reference. On CPU tensors the
+    kernel runs through Triton's interpreter (how the tests check it)."""
+    relax = triton_relax()
+    if relax is not None and len(backs) <= 4 and relax.fits(e, out, *backs):
+        relax.relax_fwd(e, list(backs), rate, clamp, out)
+        return
+    pc_relax_ref(e, backs, rate, clamp, out)
+
+
+@_pc_relax_op.register_kernel("cuda")
+def _pc_relax_cuda(e: torch.Tensor, backs: list[torch.Tensor], rate: float,
+                   clamp: float | None, out: torch.Tensor) -> None:
+    pc_relax_triton(e, backs, rate, clamp, out)
+
+
 @_pc_relax_op.register_fake
 def _pc_relax_fake(e, backs, rate, clamp, out) -> None:
     return None
 
 
-# What CUDA runs for each op until it has a fused kernel there: bench/cost.py counts these
-# unfused ops, not one op, for a GPU's step.
-CUDA_COMPOSITES = {"pcfast::pc_relax": pc_relax_ref}
+# What CUDA runs for each op as several unfused kernels (bench/cost.py counts these, not one op,
+# for a GPU's step): none for pc_relax, which is one Triton kernel there.
+CUDA_COMPOSITES: dict = {}
 
 
 def pc_relax(e: torch.Tensor, backs: list[torch.Tensor], rate: float, clamp: float | None,

@@ -12,9 +12,9 @@ so the contribution is never stored and re-read by a separate update.
   wt @ g`` per pixel (``wt``: ``(C_in, C_out)``).
 
 CPU: C++ kernels of ``pcfast._C`` (one pass for the merges; matmul + one epilogue pass for the
-1x1 conv) when built, else the PyTorch reference (``*_ref``, the unfused ops); CUDA: the
-reference composition (one registered op, several kernels inside; no fused CUDA/Triton kernel
-yet).
+1x1 conv) when built, else the PyTorch reference (``*_ref``, the unfused ops). CUDA: the Triton
+kernels of ``kernels/relax.py`` (one pass for each merge; cuBLAS matmul + the Triton relax
+epilogue for the 1x1 conv) on contiguous tensors, else the reference.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from pcfast.ops import _ext
-from pcfast.ops.pc_relax import pc_relax_ref
+from pcfast.ops.pc_relax import pc_relax_ref, triton_relax
 
 __all__ = ["add_relu_vjp_relax", "add_relu_vjp_relax_ref", "concat_relu_vjp_relax",
            "concat_relu_vjp_relax_ref", "conv1x1_vjp_relax", "conv1x1_vjp_relax_ref"]
@@ -101,11 +101,54 @@ def _conv1x1_fake(g, wt, e, other, rate, clamp, out) -> None:
     return None
 
 
-# What CUDA runs for each op until it has a fused kernel there: bench/cost.py counts these
-# unfused ops, not one op, for a GPU's step.
-CUDA_COMPOSITES = {"pcfast::add_relu_vjp_relax": add_relu_vjp_relax_ref,
-                   "pcfast::concat_relu_vjp_relax": concat_relu_vjp_relax_ref,
-                   "pcfast::conv1x1_vjp_relax": conv1x1_vjp_relax_ref}
+# ------------------------------------------------------- CUDA: Triton (CPU: interpreter)
+def add_relu_vjp_relax_triton(e, dead, e_a, rate, clamp, out_a) -> torch.Tensor:
+    """What CUDA runs for ``pcfast::add_relu_vjp_relax``: one Triton pass writing ``g`` and
+    ``out_a`` (the reference for non-contiguous tensors)."""
+    relax = triton_relax()
+    if relax is None or not relax.fits(e, dead, e_a, out_a):
+        return add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a)
+    g = torch.empty_like(e)
+    relax.relax_fwd(e_a, [e], rate, clamp, out_a, dead=dead, g=g)
+    return g
+
+
+def concat_relu_vjp_relax_triton(e, dead, e_a, e_b, rate, clamp, out_a, out_b) -> None:
+    """What CUDA runs for ``pcfast::concat_relu_vjp_relax``: one Triton pass over the merge."""
+    relax = triton_relax()
+    if (relax is None or not relax.fits(e, dead) or not relax.fits(e_a, out_a)
+            or not relax.fits(e_b, out_b)):
+        concat_relu_vjp_relax_ref(e, dead, e_a, e_b, rate, clamp, out_a, out_b)
+        return
+    relax.concat_relax_fwd(e, dead, e_a, e_b, rate, clamp, out_a, out_b)
+
+
+def conv1x1_vjp_relax_cuda(g, wt, e, other, rate, clamp, out) -> None:
+    """What CUDA runs for ``pcfast::conv1x1_vjp_relax``: the matmul, then the relax epilogue
+    as one ``pcfast::pc_relax`` (one Triton pass)."""
+    n, _, h, w = g.shape
+    gx = torch.matmul(wt, g.reshape(n, g.shape[1], h * w)).view(e.shape)
+    torch.ops.pcfast.pc_relax(e, [gx] if other is None else [gx, other], rate, clamp, out)
+
+
+@_add_op.register_kernel("cuda")
+def _add_cuda(e, dead, e_a, rate, clamp, out_a):
+    return add_relu_vjp_relax_triton(e, dead, e_a, rate, clamp, out_a)
+
+
+@_concat_op.register_kernel("cuda")
+def _concat_cuda(e, dead, e_a, e_b, rate, clamp, out_a, out_b):
+    concat_relu_vjp_relax_triton(e, dead, e_a, e_b, rate, clamp, out_a, out_b)
+
+
+@_conv1x1_op.register_kernel("cuda")
+def _conv1x1_cuda(g, wt, e, other, rate, clamp, out):
+    conv1x1_vjp_relax_cuda(g, wt, e, other, rate, clamp, out)
+
+
+# What CUDA runs for each op as several kernels: bench/cost.py counts these, not one op, for a
+# GPU's step (the merges are one Triton kernel each there).
+CUDA_COMPOSITES = {"pcfast::conv1x1_vjp_relax": conv1x1_vjp_relax_cuda}
 
 
 # ------------------------------------------------------------------------------ public API
