@@ -42,7 +42,10 @@ def _bn_partials_kernel(
     acc_dy = tl.full([BLOCK], 0.0, ACC_DTYPE)
     acc_dyx = tl.full([BLOCK], 0.0, ACC_DTYPE)
     lo = s * chunk
-    for start in range(0, chunk, BLOCK):
+    # a while loop, not range(0, chunk, BLOCK): older Triton interpreters cannot take a
+    # runtime scalar as a range bound (they call int() on a one-element array)
+    start = 0
+    while start < chunk:
         m = lo + start + tl.arange(0, BLOCK).to(tl.int64)
         mask = (m < M) & (m < lo + chunk)
         offs = (m // HWo) * (C * HWo) + c * HWo + (m % HWo)
@@ -52,6 +55,7 @@ def _bn_partials_kernel(
         dy = tl.where(dead != 0, 0.0, g)
         acc_dy += dy
         acc_dyx += dy * ((z - mean) * invstd)
+        start += BLOCK
     tl.store(part_ptr + c * SPLIT_ + s, tl.reduce(acc_dy, 0, sum_combine))
     tl.store(part_ptr + (C + c) * SPLIT_ + s, tl.reduce(acc_dyx, 0, sum_combine))
 
