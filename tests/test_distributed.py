@@ -428,7 +428,7 @@ def test_the_readme_two_rank_cpu_demo_command_runs(tmp_path):
     result = subprocess.run([str(torchrun), *argv[1:], "--synthetic", "--train-subset", "128",
                              "--test-subset", "100", "--epochs", "1", "--no-progress"],
                             env=_env(), timeout=150, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert "on 2 ranks (cpu, 32 images each)" in result.stdout
     rows = read_metrics(tmp_path / "demo" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1] and 0 <= rows[0]["test_acc"] <= 1
