@@ -54,7 +54,7 @@ HELP = {
                  "'{\"layer0\": 2.0}'; unnamed nodes keep 1",
     "epc": "error-based PC: the errors are the free variables, one forward+backward per step "
            "(needs --no-fpa, jacobi; reference backend)",
-    "pc_backend": "PC engine backend: auto (fast on CUDA under FPA, else reference), fast, reference",
+    "pc_backend": "PC engine backend: auto (fast on CUDA, else reference; iPC: reference), fast, reference",
     "data_dir": "folder holding cifar-10-batches-py (default: $PCFAST_CIFAR10_DIR, ~/.cache/pcfast)",
     "download": "download CIFAR-10 through torchvision when no copy is found",
     "allow_unofficial_data": "accept a CIFAR-10 copy whose md5 sums are not the official ones",

@@ -122,7 +122,6 @@ def test_epc_energy_decreases_and_starts_at_the_feedforward_loss():
     (dict(epc=True, fpa=False, ipc=True), "not both"),
     (dict(epc=True, fpa=False, schedule="sequential"), "jacobi"),
     (dict(epc=True, fpa=False, error_clamp=1.0), "error_clamp"),
-    (dict(epc=True, fpa=False, backend="fast"), "fpa=True only"),
 ])
 def test_epc_misuse_is_named(kwargs, match):
     _, graph, _, _ = strict_mlp_case()

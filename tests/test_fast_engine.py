@@ -162,15 +162,15 @@ def test_energy_trace_and_mse_match():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_strict_pc_is_a_clear_error_and_auto_uses_reference_on_cpu():
+def test_strict_pc_runs_on_the_fast_backend_and_auto_uses_reference_on_cpu():
     graph = _mlp().pc_graph()
-    with pytest.raises(ValueError, match="supports fpa=True only; use backend='reference'"):
-        PCEngine(graph, fpa=False, backend="fast")
-    with pytest.raises(ValueError, match="supports fpa=True only"):
-        FastPCEngine(graph, fpa=False)
-    engine = PCEngine(graph, T=2, backend="auto")
+    engine = FastPCEngine(graph, T=2, fpa=False)
     engine.compute_gradients(*_batch("mlp"))
-    assert engine.last_backend == "reference"
+    assert engine.last_backend == "fast"
+    for fpa in (True, False):
+        engine = PCEngine(graph, T=2, fpa=fpa, backend="auto")
+        engine.compute_gradients(*_batch("mlp"))
+        assert engine.last_backend == "reference"
 
 
 def test_bf16_autocast_runs_close_to_float32():

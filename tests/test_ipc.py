@@ -133,7 +133,6 @@ def test_ipc_energy_decreases_for_a_small_rate():
 @pytest.mark.parametrize("kwargs, call, match", [
     (dict(ipc=True), None, "pass fpa=False"),
     (dict(ipc=True, fpa=False, T=0), None, "T >= 1"),
-    (dict(ipc=True, fpa=False, backend="fast"), None, "fpa=True only"),
     (dict(ipc=True, fpa=False), "compute_gradients", "engine.step"),
     (dict(ipc=True, fpa=False), "step", "pass the optimizer"),
 ])

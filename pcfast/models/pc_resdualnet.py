@@ -15,8 +15,8 @@ class PCResDualNet(ResDualNet):
     training step (feedforward init, ``T`` inference steps, local weight updates, optimizer step)
     and returns a :class:`~pcfast.pc.PCResult` with ``loss``, ``accuracy`` and ``energy``.
 
-    ``backend="auto"`` runs the fast engine (fused kernels, CUDA graphs) for CUDA batches under
-    FPA and the reference path otherwise; see :class:`~pcfast.pc.PCEngine`.
+    ``backend="auto"`` runs the fast engine (explicit VJP rules, fused kernels, CUDA graphs under
+    FPA) for CUDA batches and the reference path otherwise; see :class:`~pcfast.pc.PCEngine`.
 
     Example::
 

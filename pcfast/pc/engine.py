@@ -6,10 +6,12 @@ Backends (:mod:`pcfast.pc.backends`) share one small interface (``can_use(x, set
 - ``"reference"``: plain PyTorch autograd (:class:`~pcfast.pc.backends.ReferenceBackend`), FPA,
   strict PC, incremental PC (iPC) and error-based PC (ePC), any device; the oracle of the tests;
 - ``"fast"``: explicit VJP rules, fused ops, CUDA graphs
-  (:class:`~pcfast.pc.backends.fast.FastBackend`), FPA only;
-- ``"auto"``: the fast backend where it can run and is preferred (CUDA batches under FPA),
-  else the reference. Decided up front from the fast backend's ``can_use``; while running, only
-  a :class:`~pcfast.pc.backends.BackendUnavailable` (a missing or failing kernel or CUDA-graph
+  (:class:`~pcfast.pc.backends.fast.FastBackend`): FPA, and strict PC, iPC and ePC on the
+  same rules without autograd in the inference steps (eagerly, no CUDA graph);
+- ``"auto"``: the fast backend where it can run and is preferred (CUDA batches; iPC always
+  runs on the reference under ``auto``), else the reference. Decided up front from the fast
+  backend's ``can_use``; while running, only a
+  :class:`~pcfast.pc.backends.BackendUnavailable` (a missing or failing kernel or CUDA-graph
   capture) makes ``auto`` fall back, with a warning that names the cause. The user's
   accumulated ``.grad`` and the BatchNorm running statistics are kept as they were before the
   failed attempt; every other exception propagates.
@@ -49,8 +51,9 @@ class PCEngine:
         fpa: fixed prediction assumption (default); ``False`` is strict PC.
         output_loss: ``"ce"`` (default) or ``"mse"``.
         error_clamp: if set, clamp the propagated errors ``sum_v J_vu^T e_v`` to ``[-c, c]``.
-        backend: ``"reference"``, ``"fast"`` (FPA only) or ``"auto"`` (fast for CUDA batches
-            under FPA, else reference; see the module docstring).
+        backend: ``"reference"``, ``"fast"`` or ``"auto"`` (fast for CUDA batches it can run,
+            else reference; see the module docstring). The fast backend runs FPA, strict PC,
+            iPC and ePC; under FPA it takes plain state steps and a fixed ``T`` only.
         record_energy: keep the energy after initialisation and after every step.
         backend_options: options of the fast backend: ``kernels`` (``"auto"``, ``"triton"``,
             ``"torch"``), ``cuda_graph`` (bool), ``autocast`` (bool); see
@@ -59,26 +62,28 @@ class PCEngine:
             steps). Per node, with ``g = dF/dx_u`` (its propagated part clamped as above) and
             ``v = 0`` at the start of a batch: ``v <- m v + g``; heavy-ball ``x_u <- x_u - rate
             v``, Nesterov ``x_u <- x_u - rate (g + m v)`` (``torch.optim.SGD``'s convention).
-            Reference backend only for now (``auto`` picks it; ``fast`` raises).
+            Strict PC, iPC and ePC on either backend; FPA on the reference (``auto`` picks it,
+            ``fast`` raises).
         state_nesterov: Nesterov momentum (needs ``state_momentum > 0``).
         ipc: incremental PC (Salvatori et al., ICLR 2024): strict PC (needs ``fpa=False``) whose
             weights take an optimizer step at EVERY inference step, from ``dF/dtheta`` at the
             same point as the values' step (``T`` optimizer steps per batch). Train with
-            :meth:`step` and an optimizer; reference backend (``auto`` picks it).
+            :meth:`step` and an optimizer; ``backend="fast"`` or the reference (``auto`` picks
+            the reference, since a failure half-way could not undo the weight steps).
         epc: error-based PC (Goemaere et al., arXiv 2505.20137; needs ``fpa=False``, the jacobi
             schedule, no ``error_clamp``): the errors are the free variables, ``x_v = f_v(parents)
             + e_v``, starting at zero; each step ``e <- e - rate dF/de`` is one forward and one
             backward pass through the whole net, so the output error reaches every node at the
             first step. Weight gradients: PC's local ones at the final values (at equilibrium
-            those of strict PC). Reference backend.
+            those of strict PC). Either backend.
         tol: adaptive inference: ``T`` becomes the maximum and inference stops once the energy
             changed by at most ``tol`` (relative) between two readings ``check_every`` steps
             apart (one host synchronisation per reading). ``PCResult.steps`` reports the steps
-            taken. FPA, strict PC and ePC; reference backend (``auto`` picks it).
+            taken. Strict PC and ePC on either backend; FPA on the reference (``auto`` picks it).
         check_every: steps between two energy readings under ``tol``.
         precision: precision weighting ``F = sum_v pi_v(t)/2 ||e_v||^2 + pi_out(t) L``: a mapping
             node -> constant or schedule ``t -> pi`` (:mod:`pcfast.pc.precision`), or one callable
-            ``(node, t) -> pi``; unnamed nodes keep 1. Strict PC, iPC and ePC (reference
+            ``(node, t) -> pi``; unnamed nodes keep 1. Strict PC, iPC and ePC (either
             backend); ``None`` (default) is the unweighted energy, and all precisions 1 give
             bit-identical results.
 
@@ -138,15 +143,13 @@ class PCEngine:
                              "move at every step; use a fixed T")
         if backend not in BACKENDS:
             raise ValueError(f"unknown PC backend {backend!r}; available: {BACKENDS}")
-        if backend == "fast" and not fpa:
-            raise ValueError("backend='fast' supports fpa=True only; "
-                             "use backend='reference' for strict PC")
-        if backend == "fast" and tol is not None:
-            raise ValueError("backend='fast' runs a fixed T (tol=None); use backend='reference' "
-                             "(or 'auto') for adaptive inference")
-        if backend == "fast" and state_momentum:
-            raise ValueError("backend='fast' runs plain state steps only (state_momentum=0); "
-                             "use backend='reference' (or 'auto') for state momentum")
+        if backend == "fast" and fpa and tol is not None:
+            raise ValueError("backend='fast' runs FPA for a fixed T (tol=None); use "
+                             "backend='reference' (or 'auto') for adaptive inference under FPA")
+        if backend == "fast" and fpa and state_momentum:
+            raise ValueError("backend='fast' runs FPA with plain state steps only "
+                             "(state_momentum=0); use backend='reference' (or 'auto') for state "
+                             "momentum under FPA")
         if backend == "reference" and backend_options:
             raise ValueError(f"backend_options {sorted(backend_options)} are options of the fast "
                              "backend; backend='reference' takes none")
@@ -212,9 +215,9 @@ class PCEngine:
 
     def _step_incremental(self, x, y, optimizer, before_step) -> PCResult:
         settings = self.settings
-        backend = self.choose_backend(x, settings)
-        if backend is not self._reference:  # pragma: no cover - the fast backend declines iPC
-            raise AssertionError("iPC runs on the reference backend")
+        # The weights move during the batch, so a kernel failure half-way could not be undone:
+        # "auto" runs iPC on the reference backend, backend="fast" on the fast one.
+        backend = self.choose_backend(x, settings) if self.backend == "fast" else self._reference
         self.last_backend = backend.name
 
         def weight_step() -> None:
@@ -223,7 +226,7 @@ class PCEngine:
             optimizer.step()
 
         optimizer.zero_grad(set_to_none=True)
-        return self._reference.run_incremental(x, y, settings, weight_step)
+        return backend.run_incremental(x, y, settings, weight_step)
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> PCResult:
         """Relax the errors for ``(x, y)`` and accumulate the PC weight gradients into ``.grad``."""

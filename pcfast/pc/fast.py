@@ -10,8 +10,6 @@ from __future__ import annotations
 from pcfast.pc.engine import PCEngine
 from pcfast.pc.graph import PCGraph
 
-STRICT_ERROR = "backend='fast' supports fpa=True only; use backend='reference' for strict PC"
-
 
 class FastPCEngine(PCEngine):
     """:class:`~pcfast.pc.PCEngine` with ``backend="fast"``.
@@ -26,9 +24,7 @@ class FastPCEngine(PCEngine):
                  schedule: str = "jacobi", fpa: bool = True, output_loss: str = "ce",
                  error_clamp: float | None = None, record_energy: bool = False,
                  kernels: str = "auto", cuda_graph: bool = True, autocast: bool = False) -> None:
-        if not fpa:
-            raise ValueError(STRICT_ERROR)
-        super().__init__(graph, T=T, rate=rate, schedule=schedule, fpa=True,
+        super().__init__(graph, T=T, rate=rate, schedule=schedule, fpa=fpa,
                          output_loss=output_loss, error_clamp=error_clamp, backend="fast",
                          record_energy=record_energy,
                          backend_options={"kernels": kernels, "cuda_graph": cuda_graph,

@@ -152,6 +152,10 @@ def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tens
     if isinstance(module, nn.ReLU):
         return y, _Step((name, _shape_sig(yd)), {"dead": yd <= 0},
                         lambda g, s: g.masked_fill(s["dead"], 0.0))
+    if isinstance(module, (nn.Tanh, nn.Sigmoid)):
+        # The derivative from the output, as aten's tanh_backward / sigmoid_backward form it.
+        deriv = 1 - yd * yd if isinstance(module, nn.Tanh) else (1 - yd) * yd
+        return y, _Step((name, _shape_sig(yd)), {"deriv": deriv}, lambda g, s: g * s["deriv"])
     if isinstance(module, ACTIVATIONS):
         # Elementwise: the derivative is taken once per batch, each step is one multiply.
         with torch.enable_grad():

@@ -1,5 +1,5 @@
 """The fast PC backend (``PCEngine(..., backend="fast")``): FPA inference on explicit VJP rules,
-fused ops and CUDA graphs.
+fused ops and CUDA graphs; strict PC, iPC and ePC on the same rules (:mod:`.fast_strict`).
 
 Same math as the reference backend, organised for speed:
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
@@ -44,6 +45,7 @@ from pcfast.pc.backends.base import (
     weight_grads,
 )
 from pcfast.pc.backends.capture import CaptureCache, CudaGraphRelaxation
+from pcfast.pc.backends.fast_strict import StrictRunner
 from pcfast.pc.energy import output_energy, output_error
 from pcfast.pc.graph import PCGraph
 from pcfast.pc.vjp_rules import KERNELS, Rule, node_forward
@@ -70,7 +72,8 @@ def _triton_error_types() -> tuple[type[BaseException], ...]:
 
 
 class FastBackend(PCBackend):
-    """FPA predictive coding on explicit VJP rules, double-buffered errors and CUDA graphs.
+    """FPA predictive coding on explicit VJP rules, double-buffered errors and CUDA graphs;
+    strict PC, iPC and ePC (``fpa=False``) on the same rules, eagerly.
 
     Args:
         graph: the node graph.
@@ -102,6 +105,7 @@ class FastBackend(PCBackend):
         self.cuda_graph = cuda_graph
         self.autocast = autocast
         self.captures = CaptureCache()
+        self._strict = StrictRunner(graph, kernels)
         self._buffers: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     @classmethod
@@ -119,13 +123,11 @@ class FastBackend(PCBackend):
     def unsupported(settings: PCSettings) -> str | None:
         """Why the fast backend does not run these settings at all (None if it does)."""
         if not settings.fpa:
-            return ("the fast backend runs FPA only (fpa=False is strict PC"
-                    + (", ipc=True incremental PC" if settings.ipc else "")
-                    + (", epc=True error-based PC" if settings.epc else "") + ")")
+            return None  # strict PC, iPC and ePC: every option (fast_strict.StrictRunner)
         if settings.state_momentum:
-            return "the fast backend runs plain state steps only (state_momentum=0)"
+            return "the fast backend runs FPA with plain state steps only (state_momentum=0)"
         if settings.tol is not None:
-            return "the fast backend runs a fixed number of steps (tol=None)"
+            return "the fast backend runs FPA for a fixed number of steps (tol=None)"
         return None
 
     def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
@@ -150,11 +152,28 @@ class FastBackend(PCBackend):
             # Settings it never runs are the caller's error; anything else is unavailability.
             raise ValueError(why) if self.unsupported(settings) else BackendUnavailable(why)
         check_batch(self.graph, x, y)
+        if settings.ipc:
+            raise ValueError("iPC moves the weights during inference: use run_incremental")
         try:
+            if settings.epc:
+                return self._strict.run_epc(x, y, settings)
+            if not settings.fpa:
+                return self._strict.run_strict(x, y, settings)
             return self._run(x, y, settings)
         except _triton_error_types() as exc:
             raise BackendUnavailable(f"a Triton kernel failed ({type(exc).__name__}: {exc})") \
                 from exc
+
+    def run_incremental(self, x: torch.Tensor, y: torch.Tensor, settings: PCSettings,
+                        weight_step: Callable[[], None]) -> PCResult:
+        """iPC on one batch, as :meth:`ReferenceBackend.run_incremental
+        <pcfast.pc.backends.reference.ReferenceBackend.run_incremental>` (``weight_step`` runs
+        after every inference step)."""
+        ok, why = self.can_use(x, settings)
+        if not ok:
+            raise ValueError(why) if self.unsupported(settings) else BackendUnavailable(why)
+        check_batch(self.graph, x, y)
+        return self._strict.run_strict(x, y, settings, weight_step)
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
         g = self.graph

@@ -1,0 +1,307 @@
+"""Strict PC, iPC and ePC on explicit VJP rules (the fast backend's ``fpa=False`` modes).
+
+The same math as :class:`~pcfast.pc.backends.reference.ReferenceBackend`, without autograd in
+the inference steps. Every step recomputes the predictions of the nodes that have a hidden
+parent at the current values with :func:`~pcfast.pc.vjp_rules.node_forward`, which also
+derives their input-VJP rules (fresh ReLU masks, BatchNorm batch statistics, activation
+derivatives); the propagated errors are those rules applied to the (precision-weighted)
+errors. Nodes fed by the graph input alone predict the same at every step (BatchNorm in
+training mode normalises with the batch's statistics): their feedforward prediction is kept.
+
+- strict PC, jacobi: ``x_u <- x_u - rate (pi_u e_u - clamp(sum_v pi_v J_vu^T e_v))`` for every
+  hidden node from one prediction pass; sequential: a top-down sweep in which each node
+  recomputes its own prediction and its children's at the current values;
+- iPC: the same steps, the predictions also recorded by autograd so that ``dF/dtheta`` at the
+  step's starting point is one backward pass over the weights; the optimizer steps after every
+  inference step;
+- ePC: the errors are the free variables, ``x_v = f_v(parents) + e_v``; each step is one
+  prediction pass and one sweep of the rules from the output down, ``dF/de_u = pi_u e_u +
+  sum_k J_ku^T dF/dx_k``.
+
+Weight gradients (strict PC, ePC) are taken once, at the final values, with autograd. The
+steps run eagerly (no CUDA graph); BatchNorm running statistics move in the feedforward pass
+only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pcfast.pc.backends.base import (
+    PCResult,
+    PCSettings,
+    accumulate,
+    make_result,
+    weight_grads,
+)
+from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, weighted
+from pcfast.pc.energy import frozen_running_stats, output_energy
+from pcfast.pc.graph import PCGraph
+from pcfast.pc.vjp_rules import Rule, has_rule, node_forward
+
+
+class StrictRunner:
+    """Runs one batch of strict PC, iPC or ePC over ``graph`` with explicit VJP rules.
+
+    Args:
+        graph: the node graph.
+        kernels: ``"auto"``, ``"triton"`` or ``"torch"``, for the fused ops inside the rules.
+    """
+
+    def __init__(self, graph: PCGraph, kernels: str) -> None:
+        self.graph = graph
+        self.kernels = kernels
+        g = graph
+        self.senders = [n for n in g.nodes if any(p != g.input_name for p in n.parents)]
+        self.sender_names = {n.name for n in self.senders}
+
+    # -------------------------------------------------------------------- predictions
+    def _feedforward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The one pass that moves BatchNorm running statistics (as the reference's)."""
+        g = self.graph
+        ff = {g.input_name: x}
+        with torch.no_grad():
+            for node in g.nodes:
+                ff[node.name] = node.fn(*(ff[p] for p in node.parents))
+        return ff
+
+    def _predict(self, values: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+                 names=None, grad: bool = False) -> tuple[dict, dict[str, Rule]]:
+        """Predictions at ``values`` and the senders' rules, in topological order (``values``
+        may be filled as it goes, as ePC does); ``grad`` records them for the weight
+        gradients; ``fixed`` holds kept predictions of nodes fed by the input alone."""
+        g = self.graph
+        mus: dict[str, torch.Tensor] = {}
+        rules: dict[str, Rule] = {}
+        for node in g.nodes:
+            if names is not None and node.name not in names:
+                continue
+            mus[node.name], rule = self.predict_node(node, values, fixed, grad)
+            if rule is not None:
+                rules[node.name] = rule
+        return mus, rules
+
+    def predict_node(self, node, values, fixed, grad: bool) -> tuple[torch.Tensor, Rule | None]:
+        """One node's prediction at ``values`` and, for a sender, its input-VJP rule."""
+        g = self.graph
+        if node.name not in self.sender_names:
+            if not grad and node.name in fixed:
+                return fixed[node.name], None
+            with torch.set_grad_enabled(grad):
+                return node.fn(*(values[p] for p in node.parents)), None
+        inputs = [values[p] for p in node.parents]
+        needs = [p != g.input_name for p in node.parents]
+        fallback = not has_rule(node.fn)
+        if fallback:  # autograd over the node: its hidden inputs become leaves
+            inputs = [v.detach().requires_grad_(True) if n else v for v, n in zip(inputs, needs)]
+        with torch.set_grad_enabled(grad or fallback):
+            return node_forward(node.fn, inputs, needs, self.kernels)
+
+    def _errors(self, values, mus, y, s: PCSettings, t: int) -> tuple[dict, dict]:
+        """``(e, pi e)`` for the nodes in ``mus``: hidden ``x - mu``, output ``-dL/dmu``."""
+        g = self.graph
+        errors, weighted_errors = {}, {}
+        for name, mu in mus.items():
+            mu = mu.detach()
+            e = self._output_error(mu, s) if name == g.output else values[name] - mu
+            errors[name] = e
+            weighted_errors[name] = weighted(name, e, s, t)
+        return errors, weighted_errors
+
+    def _output_error(self, logits: torch.Tensor, s: PCSettings, sign: int = 1) -> torch.Tensor:
+        """:func:`~pcfast.pc.energy.output_error` (``sign=-1``: its negative, ``dL/dlogits``)
+        with the batch's one-hot target formed once."""
+        pred = torch.softmax(logits, dim=1) if s.output_loss == "ce" else logits
+        return self._target - pred if sign > 0 else pred - self._target
+
+    def _energy(self, values, fixed, y, s: PCSettings, t: int) -> torch.Tensor:
+        """``sum_v pi_v(t)/2 ||x_v - mu_v||^2 + pi_out(t) L`` at ``values`` (no rules)."""
+        g = self.graph
+        with torch.no_grad():
+            mus = {n.name: (fixed[n.name] if n.name in fixed
+                            else n.fn(*(values[p] for p in n.parents))) for n in g.nodes}
+            hidden = sum(weighted(n, 0.5 * (values[n] - mus[n]).pow(2).sum(), s, t)
+                         for n in g.hidden)
+            return hidden + weighted(g.output, output_energy(mus[g.output], y, s.output_loss),
+                                     s, t)
+
+    def _propagate(self, rules: dict[str, Rule], sent: dict[str, torch.Tensor],
+                   into: str | None = None) -> dict[str, torch.Tensor]:
+        """``sum_v J_vu^T sent_v`` for every hidden parent ``u`` (or only ``into``)."""
+        g = self.graph
+        back: dict[str, torch.Tensor] = {}
+        for node in reversed(self.senders):
+            if node.name not in rules:
+                continue
+            grads = rules[node.name].vjp(sent[node.name])
+            for p, gr in zip(node.parents, grads):
+                if p == g.input_name or gr is None or (into is not None and p != into):
+                    continue
+                back[p] = gr if p not in back else back[p] + gr
+        return back
+
+    @staticmethod
+    def _update(name, value, e_w, back, s: PCSettings, steps: StateSteps) -> torch.Tensor:
+        """``x - rate (pi e - clamp(back))`` (or the momentum step on that gradient)."""
+        back = torch.zeros_like(value) if back is None else back.to(value.dtype)
+        g = e_w - clamp(back, s)
+        return steps.update(name, value, g) if s.state_momentum else value - s.rate * g
+
+    # ----------------------------------------------------------------------- strict / iPC
+    def run_strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings,
+                   weight_step: Callable[[], None] | None = None) -> PCResult:
+        """Strict PC on one batch; with ``weight_step`` iPC (``.grad`` set and the optimizer
+        stepped after every inference step)."""
+        g = self.graph
+        params = g.parameters()
+        n = x.shape[0]
+        ff = self._feedforward(x)
+        out = ff[g.output]
+        self._target = F.one_hot(y, out.shape[1]).to(out.dtype)  # this batch's, formed once
+        logits = ff[g.output]
+        # Under iPC the weights move at every step: no prediction stays fixed.
+        fixed = {} if weight_step is not None else \
+            {k: ff[k] for k in g.hidden if k not in self.sender_names}
+        values = {name: ff[name].clone() for name in g.hidden}
+        values[g.input_name] = x
+        steps, trace = StateSteps(s), []
+        with frozen_running_stats(g.modules):
+            if s.record_energy:
+                trace.append(self._energy(values, fixed, y, s, 0))
+            stop, taken = StopRule(s), s.T
+            for t in range(s.T):
+                if stop.done(t, lambda t=t: self._energy(values, fixed, y, s, t)):
+                    taken = t
+                    break
+                if weight_step is not None:
+                    self._ipc_step(values, fixed, y, s, steps, t, params, n)
+                    weight_step()
+                elif s.schedule == "jacobi":
+                    self._jacobi_step(values, fixed, y, s, steps, t)
+                else:
+                    self._sequential_sweep(values, fixed, y, s, steps, t)
+                if s.record_energy:
+                    trace.append(self._energy(values, fixed, y, s, t + 1))
+            return self._finish(x, y, s, values, fixed, logits, trace, taken,
+                                weight_grads_too=weight_step is None)
+
+    def _jacobi_step(self, values, fixed, y, s, steps, t) -> None:
+        mus, rules = self._predict(values, fixed)
+        errors, sent = self._errors(values, mus, y, s, t)
+        back = self._propagate(rules, sent)
+        for name in self.graph.hidden:
+            values[name] = self._update(name, values[name], sent[name], back.get(name), s, steps)
+
+    def _ipc_step(self, values, fixed, y, s, steps, t, params, n) -> None:
+        """dF/dx and dF/dtheta at one point; the values move, ``.grad`` is set."""
+        g = self.graph
+        start = dict(values)
+        mus, rules = self._predict(start, fixed, grad=True)
+        errors, sent = self._errors(start, mus, y, s, t)
+        ps, grads = weight_grads(g, [mus[nd.name] for nd in g.nodes],
+                                 [sent[nd.name] for nd in g.nodes])
+        if s.schedule == "jacobi":
+            back = self._propagate(rules, sent)
+            for name in g.hidden:
+                values[name] = self._update(name, values[name], sent[name], back.get(name), s,
+                                            steps)
+        else:
+            self._sequential_sweep(values, fixed, y, s, steps, t)
+        for p in params:
+            p.grad = None
+        accumulate(ps, grads, n, sign=-1.0)
+
+    def _sequential_sweep(self, values, fixed, y, s, steps, t) -> None:
+        g = self.graph
+        for name in reversed(g.hidden):
+            kids = {k.name for k in g.children[name]}
+            mus, rules = self._predict(values, fixed, kids | {name})
+            errors, sent = self._errors(values, mus, y, s, t)
+            back = self._propagate(rules, sent, into=name)
+            values[name] = self._update(name, values[name], sent[name], back.get(name), s, steps)
+
+    def _finish(self, x, y, s, values, fixed, logits, trace, taken,
+                weight_grads_too: bool) -> PCResult:
+        """Errors and energy at the final values; strict PC's weight gradients there."""
+        g = self.graph
+        with torch.set_grad_enabled(weight_grads_too):
+            mus = {nd.name: nd.fn(*(values[p] for p in nd.parents)) for nd in g.nodes}
+        errors, sent = self._errors(values, mus, y, s, taken)
+        if weight_grads_too:
+            params, grads = weight_grads(g, [mus[nd.name] for nd in g.nodes],
+                                         [sent[nd.name] for nd in g.nodes])
+            accumulate(params, grads, x.shape[0], sign=-1.0)
+        out = mus[g.output].detach()
+        hidden = sum(weighted(k, 0.5 * errors[k].pow(2).sum(), s, taken) for k in g.hidden)
+        energy = hidden + weighted(g.output, output_energy(out, y, s.output_loss), s, taken)
+        if s.record_energy and s.epc:
+            trace.append(energy)
+        ff_loss = output_energy(logits, y, s.output_loss)
+        return make_result(logits, y, ff_loss, energy, errors, trace, taken)
+
+    # ------------------------------------------------------------------------------ ePC
+    def run_epc(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
+        """Error-based PC on one batch (jacobi, no clamp: validated by the front)."""
+        g = self.graph
+        ff = self._feedforward(x)
+        out = ff[g.output]
+        self._target = F.one_hot(y, out.shape[1]).to(out.dtype)  # this batch's, formed once
+        logits = ff[g.output]
+        fixed = {k: ff[k] for k in g.hidden if k not in self.sender_names}
+        errors = {name: torch.zeros_like(ff[name]) for name in g.hidden}
+        steps, trace = StateSteps(s), []
+        with frozen_running_stats(g.modules):
+            stop, taken = StopRule(s), s.T
+            for t in range(s.T):
+                # One pass: x_v = f_v(parents) + e_v, with the senders' rules at those values.
+                values, rules = {g.input_name: x}, {}
+                for node in g.nodes:
+                    mu, rule = self.predict_node(node, values, fixed, grad=False)
+                    if rule is not None:
+                        rules[node.name] = rule
+                    values[node.name] = mu + errors[node.name] if node.name in errors else mu
+                out = values[g.output]
+
+                def energy(t=t, out=out) -> torch.Tensor:
+                    hidden = sum(weighted(k, 0.5 * errors[k].pow(2).sum(), s, t) for k in g.hidden)
+                    return hidden + weighted(g.output, output_energy(out, y, s.output_loss), s, t)
+
+                if stop.done(t, energy):
+                    taken = t
+                    break
+                if s.record_energy:
+                    trace.append(energy())
+                # dF/dx from the output down: hidden x_k = f_k + e_k passes on all it receives.
+                sent = {g.output: weighted(g.output, self._output_error(out, s, sign=-1), s, t)}
+                for node in reversed(self.senders):
+                    grads = rules[node.name].vjp(sent[node.name])
+                    for p, gr in zip(node.parents, grads):
+                        if p != g.input_name and gr is not None:
+                            sent[p] = gr if p not in sent else sent[p] + gr
+                for name in g.hidden:
+                    e = errors[name]
+                    gr = weighted(name, e, s, t)
+                    if name in sent:
+                        gr = gr + sent[name].to(e.dtype)
+                    errors[name] = steps.update(name, e, gr) if s.state_momentum \
+                        else e - s.rate * gr
+            values = self._epc_values(x, errors, fixed)
+            return self._finish(x, y, s, values, fixed, logits, trace, taken,
+                                weight_grads_too=True)
+
+    def _epc_values(self, x, errors, fixed) -> dict[str, torch.Tensor]:
+        """``x_v = f_v(parents) + e_v`` for every hidden node (one prediction pass)."""
+        g = self.graph
+        vals = {g.input_name: x}
+        with torch.no_grad():
+            for node in g.nodes[:-1]:
+                mu = fixed[node.name] if node.name in fixed else \
+                    node.fn(*(vals[p] for p in node.parents))
+                vals[node.name] = mu + errors[node.name]
+        return vals
+
+
+__all__ = ["StrictRunner"]
