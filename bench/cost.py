@@ -56,9 +56,9 @@ the same data (``cudnn_batch_norm`` for ``native_batch_norm``); pcfast's C++ ops
 where ``pcfast._C`` is built and fresh (otherwise their PyTorch reference runs; the JSON lists
 the custom ops seen and the extension status).
 
-PC variants (``--modes``): ``fpa`` (default; both paths), and on the reference path ``strict``
-(predictions recomputed every step) and ``epc`` (error-based PC: one forward and one backward
-pass through the net per step; jacobi only). Each row names its mode.
+PC variants (``--modes``, each on both paths): ``fpa`` (default), ``strict`` (predictions
+recomputed every step) and ``epc`` (error-based PC: one forward and one backward pass through
+the net per step; jacobi only). Each row names its mode.
 
 Usage::
 
@@ -406,10 +406,10 @@ def _uncommitted() -> list[str]:
 
 def run_combinations(modes: Sequence[str], schedules: Sequence[str],
                      paths: Sequence[str]) -> list[tuple[str, str, str]]:
-    """The ``(mode, schedule, path)`` rows that exist: strict PC and ePC run on the reference
-    path only, ePC with the jacobi schedule only."""
+    """The ``(mode, schedule, path)`` rows that exist: every mode on both paths, ePC with the
+    jacobi schedule only."""
     return [(m, s, p) for m in modes for s in schedules for p in paths
-            if (m == "fpa" or p == "reference") and (m != "epc" or s == "jacobi")]
+            if m != "epc" or s == "jacobi"]
 
 
 def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
@@ -491,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     choices=["jacobi", "sequential"])
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     ap.add_argument("--modes", nargs="+", default=["fpa"], choices=MODES,
-                    help="PC variants (strict and epc: reference path; epc: jacobi)")
+                    help="PC variants (epc: jacobi only)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4, 3],
                     help="CPU batch sizes; the line is fitted through the smallest and largest, "
                          "the others check it")

@@ -251,7 +251,22 @@ def test_cost_rows_exist_only_where_the_mode_runs():
     rows = run_combinations(("fpa", "strict", "epc"), ("jacobi", "sequential"),
                             ("reference", "fast"))
     assert ("fpa", "sequential", "fast") in rows and ("strict", "sequential", "reference") in rows
-    assert ("epc", "jacobi", "reference") in rows
-    assert not [r for r in rows if r[0] != "fpa" and r[2] == "fast"]
-    assert ("epc", "sequential", "reference") not in rows
-    assert len(rows) == 4 + 2 + 1
+    assert ("epc", "jacobi", "reference") in rows and ("strict", "jacobi", "fast") in rows
+    assert ("epc", "jacobi", "fast") in rows
+    assert not [r for r in rows if r[0] == "epc" and r[1] == "sequential"]
+    assert len(rows) == 4 + 4 + 2
+
+
+@pytest.mark.parametrize("mode", ["strict", "epc"])
+def test_fast_strict_and_epc_steps_are_one_matmul_each_way(mode):
+    """On the fast path a strict-PC or ePC step of input -> Linear(5, 7) -> Linear(7, 3) is the
+    output's prediction (one ``addmm``; the first layer reads the fixed input and keeps its
+    prediction) and its input-VJP (one ``mm``), with no autograd graph: no op of the reference's
+    backward pass appears."""
+    fast = pc_step_cost(_mlp_graph((5, 7, 3)), _mlp_batch(5), 6, "jacobi", "fast", k=2,
+                        mode=mode)
+    assert fast.ops["aten.addmm.default"] == 1
+    assert fast.ops["aten.mm.default"] == 1
+    ref = pc_step_cost(_mlp_graph((5, 7, 3)), _mlp_batch(5), 6, "jacobi", "reference", k=2,
+                       mode=mode)
+    assert sum(fast.ops.values()) < sum(ref.ops.values())
