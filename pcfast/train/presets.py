@@ -90,14 +90,16 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
 # pass, weights updated once per batch from the energy at the relaxed state, AdamW, batch 128,
 # 50 epochs, random crop (pad 4) + horizontal flip, per-channel normalisation.
 #
+# The states take PCX's SGD with heavy-ball momentum (lr_x, m) as pcfast's state momentum
+# (``rate`` = lr_x, ``state_momentum`` = m; optax's and torch's SGD share the convention).
+# ``pc_backend="auto"``: the fast backend's strict PC on CUDA, the reference on a CPU (pass
+# ``--pc-backend fast`` there too).
+#
 # What differs from PCX (pcfast cannot do it today, or does it differently):
-# - State optimiser: PCX relaxes the node values with SGD + momentum (lr_x, m); pcfast's state
-#   update is plain gradient descent with one rate. ``rate`` is lr_x times the mean heavy-ball gain
-#   over the T steps, (1/T) sum_{t=1..T} (1 - m^t) / (1 - m), i.e. the same total displacement
-#   for a constant gradient (VGG-5: x1.34, VGG-7: x3.81); momentum's transient is not reproduced.
-#   PCX differentiates the batch mean of the energy (pmean under vmap); we read its state
-#   gradient as the per-sample dE_i/dh_i, as pcfast's is (with a 1/batch factor its state rates of
-#   ~0.02 would leave float32 states nearly unmoved); this reading is not verified by running PCX.
+# - State gradient scale: PCX differentiates the batch mean of the energy (pmean under vmap); we
+#   read its state gradient as the per-sample dE_i/dh_i, as pcfast's is (with a 1/batch factor
+#   its state rates of ~0.02 would leave float32 states nearly unmoved); this reading is not
+#   verified by running PCX.
 # - Weight learning rate: PCX uses optax.warmup_cosine_decay_schedule (lr -> 1.1 lr over the
 #   first 10 % of the steps, cosine down to 0.1 lr at the end); pcfast has step/plateau/constant
 #   schedules, so the lr is constant here.
@@ -105,18 +107,12 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
 #   uses the same means with std (0.2470, 0.2435, 0.2616).
 # - Batches: PCX drops the last incomplete batch; weight gradients are on the scale of a mean over
 #   the batch in pcfast (AdamW makes the scale irrelevant up to eps).
-def _heavy_ball_rate(lr_x: float, momentum: float, T: int) -> float:
-    """``lr_x`` times the mean gain of heavy-ball momentum over ``T`` steps from rest."""
-    gain = sum((1 - momentum ** t) / (1 - momentum) for t in range(1, T + 1)) / T
-    return lr_x * gain
-
-
 # VGG-5, PC-SE on CIFAR-10: hps/VGG5/CIFAR10/VGG5_PC-SE_CIFAR10.yaml (commit c722834) — T=7,
 # GELU, AdamW lr 2.658e-4 wd 6.656e-3, state SGD lr 0.02349 momentum 0.3, batch 128, 50 epochs.
 register_preset("pcx-vgg5", dict(
     model="vgg5", model_kwargs=dict(activation="gelu"), rule="pc", epochs=50, batch_size=128,
-    T=7, rate=_heavy_ball_rate(0.02348681827141059, 0.3, 7), schedule="jacobi", fpa=False,
-    output_loss="mse", pc_backend="reference", optimizer="adamw", lr=2.657691155688603e-4,
+    T=7, rate=0.02348681827141059, state_momentum=0.3, schedule="jacobi", fpa=False,
+    output_loss="mse", pc_backend="auto", optimizer="adamw", lr=2.657691155688603e-4,
     weight_decay=6.6559627972820395e-3, lr_schedule="constant", augment="flip-crop",
     preprocess="cifar10", download=True))
 
@@ -125,7 +121,7 @@ register_preset("pcx-vgg5", dict(
 # tanh, AdamW lr 1.576e-4 wd 2.748e-5, state SGD lr 0.01927 momentum 0.85, batch 128.
 register_preset("pcx-vgg7", dict(
     model="vgg7", model_kwargs=dict(activation="hard_tanh"), rule="pc", epochs=50,
-    batch_size=128, T=11, rate=_heavy_ball_rate(0.01927208236479854, 0.85, 11),
-    schedule="jacobi", fpa=False, output_loss="mse", pc_backend="reference", optimizer="adamw",
+    batch_size=128, T=11, rate=0.01927208236479854, state_momentum=0.85,
+    schedule="jacobi", fpa=False, output_loss="mse", pc_backend="auto", optimizer="adamw",
     lr=1.5756692930515384e-4, weight_decay=2.7480603900710354e-5, lr_schedule="constant",
     augment="flip-crop", preprocess="cifar10", download=True))
