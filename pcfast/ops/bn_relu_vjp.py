@@ -11,7 +11,8 @@ statistics ``mean``, ``invstd = 1/sqrt(var + eps)`` saved from the feedforward p
 Backends: ``"triton"`` (``kernels/bn_relu_vjp.py``: a per-channel partial-sum kernel, then an
 elementwise kernel; CUDA compiled, CPU through the Triton interpreter), ``"torch"`` (the same
 closed form in PyTorch ops), ``"auto"`` (the registered op ``pcfast::bn_relu_vjp``: Triton on
-CUDA, the closed form on CPU). :func:`bn_relu_vjp_ref` is the autograd oracle.
+CUDA; on CPU the mask and aten's fused BatchNorm backward for float32/float64 tensors of one
+dtype, else the closed form). :func:`bn_relu_vjp_ref` is the autograd oracle.
 """
 
 from __future__ import annotations
@@ -87,10 +88,24 @@ def _bn_relu_vjp_triton(g, z, out, weight, mean, invstd) -> torch.Tensor:
     return _bn_relu_vjp_bwd(g, z, out, weight, mean, invstd)
 
 
+def _bn_relu_vjp_aten(g: torch.Tensor, z: torch.Tensor, out: torch.Tensor,
+                      weight: torch.Tensor | None, mean: torch.Tensor,
+                      invstd: torch.Tensor) -> torch.Tensor:
+    """The ReLU mask, then aten's own training BatchNorm backward (one fused CPU kernel, what
+    autograd runs): ~3x faster on the CPU than the closed form's separate passes."""
+    dy = g.masked_fill(out <= 0, 0.0)
+    return torch.ops.aten.native_batch_norm_backward(dy, z, weight, None, None, mean, invstd,
+                                                     True, 0.0, [True, False, False])[0]
+
+
 @torch.library.custom_op("pcfast::bn_relu_vjp", mutates_args=())
 def _bn_relu_vjp_op(g: torch.Tensor, z: torch.Tensor, out: torch.Tensor,
                     weight: torch.Tensor | None, mean: torch.Tensor,
                     invstd: torch.Tensor) -> torch.Tensor:
+    same = {g.dtype, z.dtype, mean.dtype, invstd.dtype} | (
+        set() if weight is None else {weight.dtype})
+    if g.device.type == "cpu" and len(same) == 1 and g.dtype in (torch.float32, torch.float64):
+        return _bn_relu_vjp_aten(g, z, out, weight, mean, invstd)
     return _bn_relu_vjp_torch(g, z, out, weight, mean, invstd)
 
 
