@@ -8,6 +8,7 @@ unweighted engine (strict, iPC, ePC); and the schedules' shapes by their definit
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -136,3 +137,21 @@ def test_json_schedules_and_the_default_key():
     assert [pi("layer0", t) for t in range(3)] == [5.0, 3.0, 2.0]
     assert [pi("layer1", t) for t in range(2)] == [3.0, 1.0]
     assert pi("layer2", 7) == 0.25
+
+
+def test_a_first_step_that_must_overshoot_is_warned_about():
+    """rate x pi(0) >= 2 on a hidden node: its own energy term alone makes the step unstable;
+    the warning's advice (a rate below 2 / pi) gives a decreasing energy again."""
+    _, graph, x, y = strict_mlp_case()
+    pi = {"*": decaying(8.0, 0.5)}
+    with pytest.warns(RuntimeWarning, match=r"rate 0.5 x precision 8 .* below 0.25"):
+        bad = PCEngine(graph, T=3, rate=0.5, fpa=False, precision=pi, record_energy=True)
+    trace = torch.stack(bad.compute_gradients(x, y).energy_trace)
+    assert trace[1] > trace[0]  # the overshoot the warning names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good = PCEngine(graph, T=3, rate=0.1, fpa=False, precision=pi, record_energy=True)
+    trace = torch.stack(good.compute_gradients(x, y).energy_trace)
+    assert (trace[1:] < trace[:-1]).all(), trace
+    with pytest.warns(RuntimeWarning, match="its own error term"):
+        PCEngine(graph, rate=2.0)

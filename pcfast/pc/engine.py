@@ -169,6 +169,7 @@ class PCEngine:
         self.tol = None if tol is None else float(tol)
         self.check_every = int(check_every)
         self.precision = as_precision(precision, [*graph.hidden, graph.output])
+        self._warn_if_overshooting()
         self.backend_options = dict(backend_options or {})
         self._reference = ReferenceBackend(graph)
         self._fast: PCBackend | None = None
@@ -179,6 +180,22 @@ class PCEngine:
         self._fast_disabled: str | None = None  # "auto": why the fast backend is no longer used
         self._warned: set[str] = set()
         self.last_backend: str | None = None  # the backend that ran the last batch
+
+    def _warn_if_overshooting(self) -> None:
+        """Warn when the first step is unstable on its own: a hidden node's energy term
+        ``pi_u/2 ||e_u||^2`` alone has curvature ``pi_u``, so ``rate * pi_u(0) >= 2`` flips and
+        grows its error whatever the rest of the net does."""
+        pis = {n: 1.0 if self.precision is None else float(self.precision(n, 0))
+               for n in self.graph.hidden}
+        if not pis:
+            return
+        node = max(pis, key=pis.get)
+        if self.rate * pis[node] >= 2.0:
+            what = f"precision {pis[node]:g} of node {node!r} at step 0" \
+                if self.precision is not None else "its own error term"
+            warnings.warn(f"rate {self.rate:g} x {what} is >= 2: the first inference step "
+                          "overshoots (the error flips sign and grows); use a rate below "
+                          f"{2.0 / pis[node]:.3g}", RuntimeWarning, stacklevel=3)
 
     @property
     def settings(self) -> PCSettings:
