@@ -13,7 +13,8 @@ the CPU-sized one) it trains, on the same data, epochs and weight optimizer (pre
 ``epc``        error-based PC, T=5, rate 0.001 (the ePC paper's ResNet-18 / CIFAR-10 CE
                setting: 5 iterations, error learning rate 0.001)
 ``precision``  strict PC as above with every node's energy weighted by ``decaying(4, 0.5)``
-               (4 at the first step, towards 1): pcfast's example schedule, not a paper's
+               (4 at the first step, towards 1; rate 0.125, so that the first step's
+               ``rate x pi`` is the strict row's 0.5): pcfast's example schedule, not a paper's
 =============  ==============================================================================
 
 ``--quick`` checks it end to end on a CPU in a few minutes (its T is capped at 3, on top of the
@@ -26,6 +27,7 @@ the mean inference steps).
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
 from pcfast.experiments import register_experiment
@@ -51,7 +53,9 @@ RULES: dict[str, dict[str, Any]] = {
     "strict": dict(rule="pc", fpa=False, schedule="sequential", T=2, rate=0.5),
     "ipc": dict(rule="pc", fpa=False, ipc=True, schedule="sequential", T=2, rate=0.5),
     "epc": dict(rule="pc", fpa=False, epc=True, schedule="jacobi", T=5, rate=0.001),
-    "precision": dict(rule="pc", fpa=False, schedule="sequential", T=2, rate=0.5,
+    # rate 0.125 = 0.5 / 4: the first step moves each node as far as the strict row's does;
+    # at rate 0.5 the weighted first step overshoots (rate x 4 >= 2) and the run cannot learn.
+    "precision": dict(rule="pc", fpa=False, schedule="sequential", T=2, rate=0.125,
                       precision={"*": {"decaying": [4.0, 0.5]}}),
 }
 
@@ -87,6 +91,14 @@ def run(args: Any) -> dict[str, list[dict[str, Any]]]:
             name = f"{net}-{label}"
             results[name] = train_run(args, NAME, name, PRESET, model=model,
                                       model_kwargs=kwargs, **rows_options(args, name))
+    report(args, results, out)
+    return results
+
+
+def report(args: Any, results: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    """``curves.png`` and ``summary.md`` in ``out`` from the runs' metric rows (``{net}-{rule}``
+    -> rows), e.g. reloaded from their ``metrics.jsonl``."""
+    nets = list(dict.fromkeys(name.split("-", 1)[0] for name in results))
     plot_error_panels({net: {k.split("-", 1)[1]: v for k, v in results.items()
                              if k.startswith(f"{net}-")} for net in nets},
                       out / "curves.png", x="epoch")
@@ -106,7 +118,6 @@ def run(args: Any) -> dict[str, list[dict[str, Any]]]:
         "![curves](curves.png)",
     ]
     write_summary(out / "summary.md", "PC variants on deep residual nets", sections)
-    return results
 
 
 register_experiment(NAME, run, "BP, FPA, strict PC, iPC, ePC and precision-weighted PC on "
