@@ -433,7 +433,8 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
         # What CUDA dispatches today: ops without a fused CUDA kernel run unfused there.
         cuda = fit if path != "fast" else fit_linear([
             pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k, rate=rate,
-                         kernels=kernels, expand=cuda_composites()) for n in batch_sizes])
+                         kernels=kernels, expand=cuda_composites(), mode=mode)
+            for n in batch_sizes])
         cuda_bytes = cuda.bytes_at(TARGET_BATCH)
         rows.append({
             "model": name, "mode": mode, "schedule": schedule, "path": path,

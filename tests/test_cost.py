@@ -270,3 +270,16 @@ def test_fast_strict_and_epc_steps_are_one_matmul_each_way(mode):
     ref = pc_step_cost(_mlp_graph((5, 7, 3)), _mlp_batch(5), 6, "jacobi", "reference", k=2,
                        mode=mode)
     assert sum(fast.ops.values()) < sum(ref.ops.values())
+
+
+def test_the_cuda_count_of_a_row_runs_that_row_s_mode():
+    """The CUDA-launch recount of a fast row runs the row's own PC variant: a strict step
+    recounts to at least its own ops (composites only add launches), not to the FPA step's."""
+    from bench.cost import measure_model
+
+    rows = {r["mode"]: r for r in measure_model("mlp", ["jacobi"], ["fast"], [2, 3], k=2,
+                                                rate=0.5, kernels="auto",
+                                                modes=("fpa", "strict"))["rows"]}
+    strict, fpa = rows["strict"], rows["fpa"]
+    assert strict["ops_per_step"] > fpa["ops_per_step"]
+    assert strict["cuda_ops_per_step"] >= strict["ops_per_step"]

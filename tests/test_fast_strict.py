@@ -100,10 +100,14 @@ def test_fast_equals_reference_in_float64(name, mode):
          precision={"*": spiking(3.0, 1)}, output_loss="mse"),
     dict(fpa=False, epc=True, T=3, rate=0.2, state_momentum=0.5,
          precision={"*": decaying(2.0, 0.5)}, record_energy=True),
+    dict(fpa=False, T=3, rate=0.2, precision={"*": decaying(2.0, 0.5)}, error_clamp=0.5),
+    dict(fpa=False, T=2, rate=0.2, schedule="sequential", precision={"*": spiking(3.0, 1)}),
+    dict(fpa=False, epc=True, T=3, rate=0.2, precision={"*": decaying(2.0, 0.5)}),
     dict(fpa=False, T=12, rate=0.2, tol=1e-2, check_every=2),
     dict(fpa=False, epc=True, T=12, rate=0.2, tol=1e-2, check_every=2),
 ], ids=["strict-momentum-precision-trace", "sequential-momentum-spiking-mse",
-        "epc-momentum-precision-trace", "strict-tol", "epc-tol"])
+        "epc-momentum-precision-trace", "strict-precision-clamp", "sequential-precision", "epc-precision",
+        "strict-tol", "epc-tol"])
 def test_fast_options_equal_reference(kw):
     _compare("resdualnet", **kw)
 

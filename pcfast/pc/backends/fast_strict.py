@@ -15,8 +15,8 @@ training mode normalises with the batch's statistics): their feedforward predict
   step's starting point is one backward pass over the weights; the optimizer steps after every
   inference step;
 - ePC: the errors are the free variables, ``x_v = f_v(parents) + e_v``; each step is one
-  prediction pass and one sweep of the rules from the output down, ``dF/de_u = pi_u e_u +
-  sum_k J_ku^T dF/dx_k``.
+  prediction pass and one sweep of the rules from the output down, ``dF/de_u = pi_u e_u -
+  b_u`` with ``b_u = sum_k J_ku^T b_k = -dL/dx_u`` (``b_out = pi_out`` times the output error).
 
 Weight gradients (strict PC, ePC) are taken once, at the final values, with autograd. The
 steps run eagerly (no CUDA graph); BatchNorm running statistics move in the feedforward pass
@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pcfast.ops.pc_relax import pc_relax
 from pcfast.pc.backends.base import (
     PCResult,
     PCSettings,
@@ -111,11 +112,10 @@ class StrictRunner:
             weighted_errors[name] = weighted(name, e, s, t)
         return errors, weighted_errors
 
-    def _output_error(self, logits: torch.Tensor, s: PCSettings, sign: int = 1) -> torch.Tensor:
-        """:func:`~pcfast.pc.energy.output_error` (``sign=-1``: its negative, ``dL/dlogits``)
-        with the batch's one-hot target formed once."""
+    def _output_error(self, logits: torch.Tensor, s: PCSettings) -> torch.Tensor:
+        """:func:`~pcfast.pc.energy.output_error` with the batch's one-hot target formed once."""
         pred = torch.softmax(logits, dim=1) if s.output_loss == "ce" else logits
-        return self._target - pred if sign > 0 else pred - self._target
+        return self._target - pred
 
     def _energy(self, values, fixed, y, s: PCSettings, t: int) -> torch.Tensor:
         """``sum_v pi_v(t)/2 ||x_v - mu_v||^2 + pi_out(t) L`` at ``values`` (no rules)."""
@@ -129,10 +129,11 @@ class StrictRunner:
                                      s, t)
 
     def _propagate(self, rules: dict[str, Rule], sent: dict[str, torch.Tensor],
-                   into: str | None = None) -> dict[str, torch.Tensor]:
-        """``sum_v J_vu^T sent_v`` for every hidden parent ``u`` (or only ``into``)."""
+                   into: str | None = None) -> dict[str, list[torch.Tensor]]:
+        """The contributions ``J_vu^T sent_v`` to every hidden parent ``u`` (or only ``into``),
+        unsummed: the update sums them in its own pass."""
         g = self.graph
-        back: dict[str, torch.Tensor] = {}
+        back: dict[str, list[torch.Tensor]] = {}
         for node in reversed(self.senders):
             if node.name not in rules:
                 continue
@@ -140,15 +141,26 @@ class StrictRunner:
             for p, gr in zip(node.parents, grads):
                 if p == g.input_name or gr is None or (into is not None and p != into):
                     continue
-                back[p] = gr if p not in back else back[p] + gr
+                back.setdefault(p, []).append(gr)
         return back
 
     @staticmethod
-    def _update(name, value, e_w, back, s: PCSettings, steps: StateSteps) -> torch.Tensor:
-        """``x - rate (pi e - clamp(back))`` (or the momentum step on that gradient)."""
-        back = torch.zeros_like(value) if back is None else back.to(value.dtype)
-        g = e_w - clamp(back, s)
-        return steps.update(name, value, g) if s.state_momentum else value - s.rate * g
+    def _update(name, value, mu, e_w, backs, s: PCSettings, steps: StateSteps) -> torch.Tensor:
+        """``x - rate (pi e - clamp(sum(backs)))`` (or the momentum step on that gradient).
+
+        Plain steps run as ``(x - pi e) + pc_relax(pi e, backs)``: ``pc_relax`` sums the
+        contributions, clamps and forms ``pi e + rate (clamp(back) - pi e)`` in one pass, and
+        ``x - pi e`` is the prediction itself without precision weighting."""
+        if not backs:
+            backs = [torch.zeros_like(value)]
+        if s.state_momentum:
+            back = backs[0].to(value.dtype)
+            for other in backs[1:]:
+                back = back + other.to(value.dtype)
+            return steps.update(name, value, e_w - clamp(back, s))
+        out = torch.empty_like(value)
+        pc_relax(e_w, backs, s.rate, s.error_clamp, out)
+        return out.add_(mu.detach() if s.precision is None else value - e_w)
 
     # ----------------------------------------------------------------------- strict / iPC
     def run_strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings,
@@ -193,7 +205,8 @@ class StrictRunner:
         errors, sent = self._errors(values, mus, y, s, t)
         back = self._propagate(rules, sent)
         for name in self.graph.hidden:
-            values[name] = self._update(name, values[name], sent[name], back.get(name), s, steps)
+            values[name] = self._update(name, values[name], mus[name], sent[name],
+                                        back.get(name), s, steps)
 
     def _ipc_step(self, values, fixed, y, s, steps, t, params, n) -> None:
         """dF/dx and dF/dtheta at one point; the values move, ``.grad`` is set."""
@@ -206,8 +219,8 @@ class StrictRunner:
         if s.schedule == "jacobi":
             back = self._propagate(rules, sent)
             for name in g.hidden:
-                values[name] = self._update(name, values[name], sent[name], back.get(name), s,
-                                            steps)
+                values[name] = self._update(name, values[name], mus[name], sent[name],
+                                            back.get(name), s, steps)
         else:
             self._sequential_sweep(values, fixed, y, s, steps, t)
         for p in params:
@@ -221,7 +234,8 @@ class StrictRunner:
             mus, rules = self._predict(values, fixed, kids | {name})
             errors, sent = self._errors(values, mus, y, s, t)
             back = self._propagate(rules, sent, into=name)
-            values[name] = self._update(name, values[name], sent[name], back.get(name), s, steps)
+            values[name] = self._update(name, values[name], mus[name], sent[name],
+                                        back.get(name), s, steps)
 
     def _finish(self, x, y, s, values, fixed, logits, trace, taken,
                 weight_grads_too: bool) -> PCResult:
@@ -274,20 +288,22 @@ class StrictRunner:
                     break
                 if s.record_energy:
                     trace.append(energy())
-                # dF/dx from the output down: hidden x_k = f_k + e_k passes on all it receives.
-                sent = {g.output: weighted(g.output, self._output_error(out, s, sign=-1), s, t)}
+                # -dL/dx from the output down: hidden x_k = f_k + e_k passes on all it receives.
+                back = {g.output: weighted(g.output, self._output_error(out, s), s, t)}
                 for node in reversed(self.senders):
-                    grads = rules[node.name].vjp(sent[node.name])
+                    grads = rules[node.name].vjp(back[node.name])
                     for p, gr in zip(node.parents, grads):
                         if p != g.input_name and gr is not None:
-                            sent[p] = gr if p not in sent else sent[p] + gr
+                            back[p] = gr if p not in back else back[p] + gr
                 for name in g.hidden:
                     e = errors[name]
-                    gr = weighted(name, e, s, t)
-                    if name in sent:
-                        gr = gr + sent[name].to(e.dtype)
-                    errors[name] = steps.update(name, e, gr) if s.state_momentum \
-                        else e - s.rate * gr
+                    b = back[name].to(e.dtype) if name in back else torch.zeros_like(e)
+                    if s.state_momentum:  # dF/de = pi e - back
+                        errors[name] = steps.update(name, e, weighted(name, e, s, t) - b)
+                    elif s.precision is None:  # e - rate (e - back) in one pass
+                        errors[name] = torch.lerp(e, b, s.rate)
+                    else:
+                        errors[name] = e - s.rate * (weighted(name, e, s, t) - b)
             values = self._epc_values(x, errors, fixed)
             return self._finish(x, y, s, values, fixed, logits, trace, taken,
                                 weight_grads_too=True)
