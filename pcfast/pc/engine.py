@@ -53,7 +53,7 @@ class PCEngine:
         error_clamp: if set, clamp the propagated errors ``sum_v J_vu^T e_v`` to ``[-c, c]``.
         backend: ``"reference"``, ``"fast"`` or ``"auto"`` (fast for CUDA batches it can run,
             else reference; see the module docstring). The fast backend runs FPA, strict PC,
-            iPC and ePC; under FPA it takes plain state steps and a fixed ``T`` only.
+            iPC and ePC; under FPA it takes plain state steps only.
         record_energy: keep the energy after initialisation and after every step.
         backend_options: options of the fast backend: ``kernels`` (``"auto"``, ``"triton"``,
             ``"torch"``), ``cuda_graph`` (bool), ``autocast`` (bool); see
@@ -79,7 +79,8 @@ class PCEngine:
         tol: adaptive inference: ``T`` becomes the maximum and inference stops once the energy
             changed by at most ``tol`` (relative) between two readings ``check_every`` steps
             apart (one host synchronisation per reading). ``PCResult.steps`` reports the steps
-            taken. Strict PC and ePC on either backend; FPA on the reference (``auto`` picks it).
+            taken. FPA, strict PC and ePC on either backend (the fast backend's FPA then runs
+            its steps eagerly, not from a CUDA graph).
         check_every: steps between two energy readings under ``tol``.
         precision: precision weighting ``F = sum_v pi_v(t)/2 ||e_v||^2 + pi_out(t) L``: a mapping
             node -> constant or schedule ``t -> pi`` (:mod:`pcfast.pc.precision`), or one callable
@@ -143,9 +144,6 @@ class PCEngine:
                              "move at every step; use a fixed T")
         if backend not in BACKENDS:
             raise ValueError(f"unknown PC backend {backend!r}; available: {BACKENDS}")
-        if backend == "fast" and fpa and tol is not None:
-            raise ValueError("backend='fast' runs FPA for a fixed T (tol=None); use "
-                             "backend='reference' (or 'auto') for adaptive inference under FPA")
         if backend == "fast" and fpa and state_momentum:
             raise ValueError("backend='fast' runs FPA with plain state steps only "
                              "(state_momentum=0); use backend='reference' (or 'auto') for state "

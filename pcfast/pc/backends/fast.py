@@ -46,6 +46,7 @@ from pcfast.pc.backends.base import (
 )
 from pcfast.pc.backends.capture import CaptureCache, CudaGraphRelaxation
 from pcfast.pc.backends.fast_strict import StrictRunner
+from pcfast.pc.backends.steps import StopRule
 from pcfast.pc.energy import output_energy, output_error
 from pcfast.pc.graph import PCGraph
 from pcfast.pc.vjp_rules import KERNELS, Rule, node_forward
@@ -126,8 +127,6 @@ class FastBackend(PCBackend):
             return None  # strict PC, iPC and ePC: every option (fast_strict.StrictRunner)
         if settings.state_momentum:
             return "the fast backend runs FPA with plain state steps only (state_momentum=0)"
-        if settings.tol is not None:
-            return "the fast backend runs FPA for a fixed number of steps (tol=None)"
         return None
 
     def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
@@ -184,12 +183,14 @@ class FastBackend(PCBackend):
         shapes = [mus[n].shape for n in g.hidden]
         dtype = self._error_dtype([mus[n] for n in g.hidden])
         trace = [base_energy] if s.record_energy else []
+        taken = s.T
         if self.graphable(x.device, s, rules):
             final = self._run_graphed(rules, e_out.to(dtype), shapes, dtype, x, s)
             kept = final.clone()  # the graph's static buffers are reused by the next batch
         else:
             bufs = self._flat_buffers(shapes, dtype, x.device)
-            kept = self._relax(rules, e_out.to(dtype), bufs, shapes, s, trace, base_energy)
+            kept, taken = self._relax(rules, e_out.to(dtype), bufs, shapes, s, trace,
+                                      base_energy)
             # The result keeps the final buffer (no copy); the next batch allocates another.
             self._buffers = {k: tuple(None if b is kept else b for b in v)
                              for k, v in self._buffers.items()}
@@ -201,14 +202,14 @@ class FastBackend(PCBackend):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         flat = kept.to(acc)
         energy = 0.5 * torch.dot(flat, flat) + base_energy
-        return make_result(logits, y, base_energy, energy, errors, trace, s.T)
+        return make_result(logits, y, base_energy, energy, errors, trace, taken)
 
     def graphable(self, device: torch.device, s: PCSettings, rules: dict[str, Rule]) -> bool:
         """Whether the relaxation runs from a CUDA graph: CUDA tensors, ``cuda_graph=True``, no
-        per-step energy trace, and no autograd-fallback node (autograd cannot be captured: such
-        graphs run their steps eagerly)."""
+        per-step energy trace, a fixed ``T`` (no ``tol``), and no autograd-fallback node
+        (autograd cannot be captured: such graphs run their steps eagerly)."""
         return (self.cuda_graph and device.type == "cuda" and not s.record_energy and s.T > 0
-                and all(r.capturable for r in rules.values()))
+                and s.tol is None and all(r.capturable for r in rules.values()))
 
     # ------------------------------------------------------------------------------ setup
     def _feedforward(self, x: torch.Tensor) -> tuple[dict, dict[str, Rule]]:
@@ -312,19 +313,27 @@ class FastBackend(PCBackend):
         return step
 
     def _relax(self, rules, e_out, bufs, shapes, s: PCSettings, trace: list,
-               base_energy) -> torch.Tensor:
-        """Run ``T`` steps over the double buffer; return the flat buffer with the result."""
+               base_energy) -> tuple[torch.Tensor, int]:
+        """Run up to ``T`` steps over the double buffer (fewer when ``tol`` stops them); return
+        the flat buffer with the result and the steps taken."""
         a, b = bufs
         a.zero_()  # x = mu after the feedforward pass: every hidden error starts at zero
         views = (self._views(a, shapes), self._views(b, shapes))
         steps = (self._step_fn(rules, e_out, views[0], views[1], s),
                  self._step_fn(rules, e_out, views[1], views[0], s))
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+
+        def energy(t: int) -> torch.Tensor:
+            return 0.5 * bufs[t % 2].to(acc).pow(2).sum() + base_energy
+
+        stop = StopRule(s)
         for t in range(s.T):
+            if stop.done(t, lambda t=t: energy(t)):
+                return bufs[t % 2], t
             steps[t % 2]()
             if s.record_energy:
-                trace.append(0.5 * bufs[(t + 1) % 2].to(acc).pow(2).sum() + base_energy)
-        return bufs[s.T % 2]
+                trace.append(energy(t + 1))
+        return bufs[s.T % 2], s.T
 
     def _run_graphed(self, rules, e_out, shapes, dtype, x, s: PCSettings) -> torch.Tensor:
         key = (tuple((n, r.signature) for n, r in rules.items()), tuple(e_out.shape), dtype,
@@ -338,7 +347,7 @@ class FastBackend(PCBackend):
             static_out = e_out.clone()
 
             def run() -> None:
-                self._relax(rules, static_out, bufs, shapes, s, [], None)
+                self._relax(rules, static_out, bufs, shapes, s, [], None)  # fixed T: no tol
 
             try:
                 graph = CudaGraphRelaxation(run, x.device)
