@@ -167,3 +167,16 @@ def test_strict_energy_decreases_for_a_small_rate(name):
     trace = torch.stack(result.energy_trace)
     assert (trace[1:] < trace[:-1]).all(), trace
     assert trace[-1] < trace[0] * (1 - 1e-4), trace
+
+
+@pytest.mark.parametrize("kw", [
+    dict(T=4, rate=0.4, state_momentum=0.7, error_clamp=0.3),
+    dict(T=3, rate=0.3, state_momentum=0.5, state_nesterov=True, schedule="sequential",
+         record_energy=True),
+    dict(T=20, rate=0.3, state_momentum=0.5, tol=1e-3, check_every=2),
+], ids=["heavy-ball-clamp", "nesterov-sequential-trace", "momentum-tol"])
+@pytest.mark.parametrize("name", ["cnn", "resdualnet"])
+def test_fpa_state_momentum_and_tol_on_the_fast_backend_equal_reference(name, kw):
+    """Under FPA the fast backend takes momentum steps (unfused, per-node velocities) and
+    stops early under tol exactly as the reference does."""
+    _compare(name, **kw)

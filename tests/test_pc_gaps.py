@@ -183,7 +183,6 @@ def test_plain_fpa_hand_loop_matches_the_engine():
     ({"state_momentum": 1.0}, r"state_momentum must be in \[0, 1\)"),
     ({"state_momentum": -0.1}, r"state_momentum must be in \[0, 1\)"),
     ({"state_nesterov": True}, "state_nesterov=True needs state_momentum > 0"),
-    ({"state_momentum": 0.9, "backend": "fast"}, "backend='fast' runs FPA with plain state steps only"),
 ])
 def test_state_momentum_options_are_checked(kwargs, match):
     _, graph, _, _ = strict_mlp_case()

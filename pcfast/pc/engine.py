@@ -53,7 +53,7 @@ class PCEngine:
         error_clamp: if set, clamp the propagated errors ``sum_v J_vu^T e_v`` to ``[-c, c]``.
         backend: ``"reference"``, ``"fast"`` or ``"auto"`` (fast for CUDA batches it can run,
             else reference; see the module docstring). The fast backend runs FPA, strict PC,
-            iPC and ePC; under FPA it takes plain state steps only.
+            iPC and ePC, with every option.
         record_energy: keep the energy after initialisation and after every step.
         backend_options: options of the fast backend: ``kernels`` (``"auto"``, ``"triton"``,
             ``"torch"``), ``cuda_graph`` (bool), ``autocast`` (bool); see
@@ -62,8 +62,8 @@ class PCEngine:
             steps). Per node, with ``g = dF/dx_u`` (its propagated part clamped as above) and
             ``v = 0`` at the start of a batch: ``v <- m v + g``; heavy-ball ``x_u <- x_u - rate
             v``, Nesterov ``x_u <- x_u - rate (g + m v)`` (``torch.optim.SGD``'s convention).
-            Strict PC, iPC and ePC on either backend; FPA on the reference (``auto`` picks it,
-            ``fast`` raises).
+            Every PC variant, either backend (the fast backend's FPA then runs its steps
+            eagerly, without the fused relax ops or a CUDA graph).
         state_nesterov: Nesterov momentum (needs ``state_momentum > 0``).
         ipc: incremental PC (Salvatori et al., ICLR 2024): strict PC (needs ``fpa=False``) whose
             weights take an optimizer step at EVERY inference step, from ``dF/dtheta`` at the
@@ -144,10 +144,6 @@ class PCEngine:
                              "move at every step; use a fixed T")
         if backend not in BACKENDS:
             raise ValueError(f"unknown PC backend {backend!r}; available: {BACKENDS}")
-        if backend == "fast" and fpa and state_momentum:
-            raise ValueError("backend='fast' runs FPA with plain state steps only "
-                             "(state_momentum=0); use backend='reference' (or 'auto') for state "
-                             "momentum under FPA")
         if backend == "reference" and backend_options:
             raise ValueError(f"backend_options {sorted(backend_options)} are options of the fast "
                              "backend; backend='reference' takes none")

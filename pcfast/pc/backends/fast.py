@@ -120,19 +120,8 @@ class FastBackend(PCBackend):
         return cls(graph, **options)
 
     # ------------------------------------------------------------------------ selection
-    @staticmethod
-    def unsupported(settings: PCSettings) -> str | None:
-        """Why the fast backend does not run these settings at all (None if it does)."""
-        if not settings.fpa:
-            return None  # strict PC, iPC and ePC: every option (fast_strict.StrictRunner)
-        if settings.state_momentum:
-            return "the fast backend runs FPA with plain state steps only (state_momentum=0)"
-        return None
-
     def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
-        why = self.unsupported(settings)
-        if why is not None:
-            return False, why
+        """Every PC variant and option runs here; what can stop it is the input or Triton."""
         if not x.is_floating_point():
             return False, f"the fast backend needs a floating-point input, got {x.dtype}"
         needs_triton = self.kernels == "triton" or (self.kernels == "auto" and x.is_cuda)
@@ -148,8 +137,7 @@ class FastBackend(PCBackend):
                           settings: PCSettings) -> PCResult:
         ok, why = self.can_use(x, settings)
         if not ok:
-            # Settings it never runs are the caller's error; anything else is unavailability.
-            raise ValueError(why) if self.unsupported(settings) else BackendUnavailable(why)
+            raise BackendUnavailable(why)
         check_batch(self.graph, x, y)
         if settings.ipc:
             raise ValueError("iPC moves the weights during inference: use run_incremental")
@@ -170,7 +158,7 @@ class FastBackend(PCBackend):
         after every inference step)."""
         ok, why = self.can_use(x, settings)
         if not ok:
-            raise ValueError(why) if self.unsupported(settings) else BackendUnavailable(why)
+            raise BackendUnavailable(why)
         check_batch(self.graph, x, y)
         return self._strict.run_strict(x, y, settings, weight_step)
 
@@ -206,10 +194,12 @@ class FastBackend(PCBackend):
 
     def graphable(self, device: torch.device, s: PCSettings, rules: dict[str, Rule]) -> bool:
         """Whether the relaxation runs from a CUDA graph: CUDA tensors, ``cuda_graph=True``, no
-        per-step energy trace, a fixed ``T`` (no ``tol``), and no autograd-fallback node
-        (autograd cannot be captured: such graphs run their steps eagerly)."""
+        per-step energy trace, a fixed ``T`` (no ``tol``), plain state steps (no momentum), and
+        no autograd-fallback node (autograd cannot be captured: such graphs run their steps
+        eagerly)."""
         return (self.cuda_graph and device.type == "cuda" and not s.record_energy and s.T > 0
-                and s.tol is None and all(r.capturable for r in rules.values()))
+                and s.tol is None and not s.state_momentum
+                and all(r.capturable for r in rules.values()))
 
     # ------------------------------------------------------------------------------ setup
     def _feedforward(self, x: torch.Tensor) -> tuple[dict, dict[str, Rule]]:
@@ -276,8 +266,9 @@ class FastBackend(PCBackend):
             plan.append((node.name, targets, done))
         return plan
 
-    def _step_fn(self, rules, e_out, cur: dict, nxt: dict, s: PCSettings):
-        """One step: every sender's VJP, each hidden node relaxed by its last writer."""
+    def _step_fn(self, rules, e_out, cur: dict, nxt: dict, s: PCSettings, vel: dict | None):
+        """One step: every sender's VJP, each hidden node relaxed by its last writer (with
+        ``vel``, the per-node velocities, a momentum step instead of the fused relax)."""
         plan = self._plan(rules)
         out_name = self.graph.output
         read = nxt if s.schedule == "sequential" else cur
@@ -291,7 +282,7 @@ class FastBackend(PCBackend):
             for name, targets, done in plan:
                 e = e_out if name == out_name else read[name]
                 rule = rules[name]
-                if done and distinct[name]:
+                if done and distinct[name] and vel is None:
                     # The last writer of the parents in `done`: VJP and their updates in one op
                     # where the rule has a fused form.
                     finish = {i: (cur[p], pending.get(p, []), nxt[p])
@@ -308,9 +299,27 @@ class FastBackend(PCBackend):
                 for i, p in targets:
                     pending.setdefault(p, []).append(grads[i])
                 for p in done:
-                    pc_relax(cur[p], pending.pop(p), rate, clamp, nxt[p])
+                    if vel is None:
+                        pc_relax(cur[p], pending.pop(p), rate, clamp, nxt[p])
+                    else:
+                        self._momentum_step(cur[p], pending.pop(p), vel[p], nxt[p], s)
 
         return step
+
+    @staticmethod
+    def _momentum_step(e, backs, v, out, s: PCSettings) -> None:
+        """``g = e - clamp(sum(backs))``, ``v <- m v + g`` (``v`` starts at zero, so ``v = g``
+        at the first step), ``out = e - rate v`` (heavy-ball) or ``e - rate (g + m v)``
+        (Nesterov): the reference's state momentum on the errors (under FPA ``mu`` is fixed)."""
+        back = backs[0].to(e.dtype)
+        for other in backs[1:]:
+            back = back + other.to(e.dtype)
+        if s.error_clamp is not None:
+            back = back.clamp(-s.error_clamp, s.error_clamp)
+        g = e - back
+        v.mul_(s.state_momentum).add_(g)
+        step = g + s.state_momentum * v if s.state_nesterov else v
+        torch.sub(e, s.rate * step, out=out)
 
     def _relax(self, rules, e_out, bufs, shapes, s: PCSettings, trace: list,
                base_energy) -> tuple[torch.Tensor, int]:
@@ -319,8 +328,9 @@ class FastBackend(PCBackend):
         a, b = bufs
         a.zero_()  # x = mu after the feedforward pass: every hidden error starts at zero
         views = (self._views(a, shapes), self._views(b, shapes))
-        steps = (self._step_fn(rules, e_out, views[0], views[1], s),
-                 self._step_fn(rules, e_out, views[1], views[0], s))
+        vel = self._views(torch.zeros_like(a), shapes) if s.state_momentum else None
+        steps = (self._step_fn(rules, e_out, views[0], views[1], s, vel),
+                 self._step_fn(rules, e_out, views[1], views[0], s, vel))
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
 
         def energy(t: int) -> torch.Tensor:
