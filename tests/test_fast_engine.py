@@ -105,6 +105,16 @@ def test_matches_reference_triton_interpreter(schedule):
     _assert_same(rm, fm, ref.compute_gradients(x, y), fast.compute_gradients(x, y))
 
 
+@pytest.mark.parametrize("mode", [dict(fpa=False), dict(fpa=False, epc=True)],
+                         ids=["strict", "epc"])
+def test_strict_and_epc_match_reference_triton_interpreter(mode):
+    """The fast strict/ePC steps with the Triton kernels in their rules (interpreter on CPU)."""
+    model = _resdualnet()
+    x, y = _batch("resdualnet", n=2)
+    (rm, ref), (fm, fast) = _pair(model, T=2, rate=0.3, kernels="triton", **mode)
+    _assert_same(rm, fm, ref.compute_gradients(x, y), fast.compute_gradients(x, y), tol=1e-10)
+
+
 def test_resdualnet_nodes_all_have_explicit_rules():
     graph = _resdualnet().pc_graph()
     senders = [n for n in graph.nodes if any(p != graph.input_name for p in n.parents)]
