@@ -70,25 +70,29 @@ class StrictRunner:
         return ff
 
     def _predict(self, values: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-                 names=None, grad: bool = False) -> tuple[dict, dict[str, Rule]]:
-        """Predictions at ``values`` and the senders' rules, in topological order (``values``
-        may be filled as it goes, as ePC does); ``grad`` records them for the weight
-        gradients; ``fixed`` holds kept predictions of nodes fed by the input alone."""
+                 names=None, grad: bool = False,
+                 rules_for=None) -> tuple[dict, dict[str, Rule]]:
+        """Predictions at ``values`` and the senders' rules (only those in ``rules_for`` when
+        given), in topological order; ``grad`` records them for the weight gradients;
+        ``fixed`` holds kept predictions of nodes fed by the input alone."""
         g = self.graph
         mus: dict[str, torch.Tensor] = {}
         rules: dict[str, Rule] = {}
         for node in g.nodes:
             if names is not None and node.name not in names:
                 continue
-            mus[node.name], rule = self.predict_node(node, values, fixed, grad)
+            want = rules_for is None or node.name in rules_for
+            mus[node.name], rule = self.predict_node(node, values, fixed, grad, want)
             if rule is not None:
                 rules[node.name] = rule
         return mus, rules
 
-    def predict_node(self, node, values, fixed, grad: bool) -> tuple[torch.Tensor, Rule | None]:
-        """One node's prediction at ``values`` and, for a sender, its input-VJP rule."""
+    def predict_node(self, node, values, fixed, grad: bool,
+                     want_rule: bool = True) -> tuple[torch.Tensor, Rule | None]:
+        """One node's prediction at ``values`` and, for a sender (if ``want_rule``), its
+        input-VJP rule."""
         g = self.graph
-        if node.name not in self.sender_names:
+        if node.name not in self.sender_names or not want_rule:
             if not grad and node.name in fixed:
                 return fixed[node.name], None
             with torch.set_grad_enabled(grad):
@@ -231,7 +235,7 @@ class StrictRunner:
         g = self.graph
         for name in reversed(g.hidden):
             kids = {k.name for k in g.children[name]}
-            mus, rules = self._predict(values, fixed, kids | {name})
+            mus, rules = self._predict(values, fixed, kids | {name}, rules_for=kids)
             errors, sent = self._errors(values, mus, y, s, t)
             back = self._propagate(rules, sent, into=name)
             values[name] = self._update(name, values[name], mus[name], sent[name],
