@@ -6,10 +6,14 @@ machine slows both alike, and each backend's best and median times count. Run on
 and once at ``T=0`` (feedforward pass and weight gradients only), which gives the time of one
 inference step per backend as well.
 
+``--mode`` picks the PC variant: ``fpa`` (default), ``strict`` or ``epc`` (``--schedule`` and
+``--rate`` as the engine's).
+
 Usage::
 
     python bench/backends_ab.py                          # Res-DualNet, batch 64, T=10, CPU
     python bench/backends_ab.py --model resnet20 --device cuda --batch-size 256 --T 100
+    python bench/backends_ab.py --model resnet20 --mode strict --T 3 --batch-size 128
 """
 
 from __future__ import annotations
@@ -31,15 +35,19 @@ BACKENDS = ("reference", "fast")
 
 
 
-def time_ab(model_name: str, T: int, x: torch.Tensor, y: torch.Tensor, repeats: int
+MODES = {"fpa": dict(), "strict": dict(fpa=False), "epc": dict(fpa=False, epc=True)}
+
+
+def time_ab(model_name: str, T: int, x: torch.Tensor, y: torch.Tensor, repeats: int,
+            mode: str = "fpa", schedule: str = "jacobi", rate: float = 0.5
             ) -> dict[str, list[float]]:
     """Seconds per ``compute_gradients`` call for each backend, calls alternating."""
     engines = {}
     for backend in BACKENDS:
         torch.manual_seed(0)
         net = build_model(model_name).to(x.device).train()
-        engines[backend] = PCEngine(net.pc_graph(), T=T, rate=0.5, schedule="jacobi",
-                                    backend=backend)
+        engines[backend] = PCEngine(net.pc_graph(), T=T, rate=rate, schedule=schedule,
+                                    backend=backend, **MODES[mode])
         engines[backend].compute_gradients(x, y)  # warm-up (and capture on CUDA)
     times: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for _ in range(repeats):
@@ -59,13 +67,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--T", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5, help="timed calls per backend and T")
+    p.add_argument("--mode", choices=list(MODES), default="fpa", help="PC variant (fpa)")
+    p.add_argument("--schedule", choices=["jacobi", "sequential"], default="jacobi")
+    p.add_argument("--rate", type=float, default=0.5)
     args = p.parse_args(argv)
+    if args.mode == "epc" and args.schedule != "jacobi":
+        p.error("--mode epc runs the jacobi schedule only")
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
-    at_t = time_ab(args.model, args.T, x, y, args.repeats)
-    at_0 = time_ab(args.model, 0, x, y, args.repeats)
+    kw = dict(mode=args.mode, schedule=args.schedule, rate=args.rate)
+    at_t = time_ab(args.model, args.T, x, y, args.repeats, **kw)
+    at_0 = time_ab(args.model, 0, x, y, args.repeats, **kw)
     rows = []
     for backend in BACKENDS:
         best, med = min(at_t[backend]), sorted(at_t[backend])[len(at_t[backend]) // 2]
@@ -81,13 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(device)
     unit = "CPU" if device.type == "cpu" else device.type.upper()
     print(f"\n{env['device_name']} | commit {env['commit'][:10]} | torch {env['torch']} | "
-          f"{args.model}, batch {args.batch_size}, T={args.T}, jacobi | {unit} times, "
+          f"{args.model}, {args.mode}, batch {args.batch_size}, T={args.T}, {args.schedule} | "
+          f"{unit} times, "
           f"best of {args.repeats} alternating calls")
     print_table(rows, ["backend", "best_s", "median_s", "best_T0_s", "step_ms",
                        "speedup_vs_reference", "step_speedup_vs_reference"])
     payload = {"benchmark": "backends_ab", "config": vars(args), "rows": rows,
                "environment": env}
-    path = write_result(f"backends_ab-{args.model}", payload)
+    suffix = "" if args.mode == "fpa" else f"-{args.mode}"
+    path = write_result(f"backends_ab-{args.model}{suffix}", payload)
     print(f"wrote {path}")
     return payload
 

@@ -24,3 +24,13 @@ def test_backends_ab_writes_both_rows_with_consistent_ratios(tmp_path, monkeypat
     assert abs(fast["speedup_vs_reference"] - ref["best_s"] / fast["best_s"]) < 1e-12
     written = json.loads((tmp_path / "backends_ab-cnn-cpu.json").read_text())
     assert written["config"]["model"] == "cnn" and len(written["rows"]) == 2
+
+
+def test_backends_ab_times_strict_pc_into_its_own_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    payload = main(["--model", "cnn", "--batch-size", "4", "--T", "2", "--repeats", "1",
+                    "--mode", "strict", "--schedule", "sequential", "--rate", "0.2"])
+    assert payload["config"]["mode"] == "strict" and len(payload["rows"]) == 2
+    written = json.loads((tmp_path / "backends_ab-cnn-strict-cpu.json").read_text())
+    assert written["config"]["schedule"] == "sequential"
+    assert not (tmp_path / "backends_ab-cnn-cpu.json").exists()
