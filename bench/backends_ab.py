@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "speedup_vs_reference", "step_speedup_vs_reference"])
     payload = {"benchmark": "backends_ab", "config": vars(args), "rows": rows,
                "environment": env}
-    suffix = "" if args.mode == "fpa" else f"-{args.mode}"
+    suffix = ("" if args.mode == "fpa" else f"-{args.mode}") + (
+        "" if args.schedule == "jacobi" else f"-{args.schedule}")
     path = write_result(f"backends_ab-{args.model}{suffix}", payload)
     print(f"wrote {path}")
     return payload

@@ -31,6 +31,6 @@ def test_backends_ab_times_strict_pc_into_its_own_file(tmp_path, monkeypatch):
     payload = main(["--model", "cnn", "--batch-size", "4", "--T", "2", "--repeats", "1",
                     "--mode", "strict", "--schedule", "sequential", "--rate", "0.2"])
     assert payload["config"]["mode"] == "strict" and len(payload["rows"]) == 2
-    written = json.loads((tmp_path / "backends_ab-cnn-strict-cpu.json").read_text())
+    written = json.loads((tmp_path / "backends_ab-cnn-strict-sequential-cpu.json").read_text())
     assert written["config"]["schedule"] == "sequential"
     assert not (tmp_path / "backends_ab-cnn-cpu.json").exists()

@@ -91,9 +91,10 @@ def _bn_relu_vjp_triton(g, z, out, weight, mean, invstd) -> torch.Tensor:
 def _bn_relu_vjp_aten(g: torch.Tensor, z: torch.Tensor, out: torch.Tensor,
                       weight: torch.Tensor | None, mean: torch.Tensor,
                       invstd: torch.Tensor) -> torch.Tensor:
-    """The ReLU mask, then aten's own training BatchNorm backward (one fused CPU kernel, what
-    autograd runs): ~3x faster on the CPU than the closed form's separate passes."""
-    dy = g.masked_fill(out <= 0, 0.0)
+    """The ReLU's and BatchNorm's backward as autograd runs them on the CPU
+    (``threshold_backward``, then aten's fused training BatchNorm backward): several times
+    faster there than the closed form's separate passes (and than a boolean ``masked_fill``)."""
+    dy = torch.ops.aten.threshold_backward(g, out, 0.0)
     return torch.ops.aten.native_batch_norm_backward(dy, z, weight, None, None, mean, invstd,
                                                      True, 0.0, [True, False, False])[0]
 

@@ -101,6 +101,15 @@ class _Step:
         self.sig, self.saved, self.fn, self.relax = sig, saved, fn, relax
 
 
+def relu_vjp(g: torch.Tensor, out: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``g`` where the ReLU output ``out`` is positive, else 0. On the CPU aten's
+    ``threshold_backward`` (what autograd runs; ~10x faster there than ``masked_fill`` with the
+    boolean mask ``dead``), elsewhere the mask."""
+    if g.device.type == "cpu" and g.dtype == out.dtype:
+        return torch.ops.aten.threshold_backward(g, out, 0.0)
+    return g.masked_fill(dead, 0.0)
+
+
 def _shape_sig(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.stride(), t.dtype, t.device.type)
 
@@ -150,8 +159,8 @@ def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tens
     if isinstance(module, nn.Linear):
         return y, _Step((name,), {"w": module.weight.detach()}, lambda g, s: g.to(s["w"].dtype) @ s["w"])
     if isinstance(module, nn.ReLU):
-        return y, _Step((name, _shape_sig(yd)), {"dead": yd <= 0},
-                        lambda g, s: g.masked_fill(s["dead"], 0.0))
+        return y, _Step((name, _shape_sig(yd)), {"dead": yd <= 0, "out": yd},
+                        lambda g, s: relu_vjp(g, s["out"], s["dead"]))
     if isinstance(module, (nn.Tanh, nn.Sigmoid)):
         # The derivative from the output, as aten's tanh_backward / sigmoid_backward form it.
         deriv = 1 - yd * yd if isinstance(module, nn.Tanh) else (1 - yd) * yd
@@ -362,11 +371,11 @@ class MergeRule(Rule):
     """``ReLU(a + b)`` (both parents get the masked error) or ``ReLU(cat(a, b))`` (split)."""
 
     def __init__(self, out: torch.Tensor, split: int | None, fuse: bool = False) -> None:
-        super().__init__(("merge", split, _shape_sig(out), fuse), {"dead": out <= 0})
+        super().__init__(("merge", split, _shape_sig(out), fuse), {"dead": out <= 0, "out": out})
         self.split, self.fuse = split, fuse
 
     def vjp(self, e: torch.Tensor) -> list[torch.Tensor | None]:
-        g = e.masked_fill(self.saved["dead"], 0.0)
+        g = relu_vjp(e, self.saved["out"], self.saved["dead"])
         if self.split is None:
             return [g, g]
         return [g[:, :self.split], g[:, self.split:]]
