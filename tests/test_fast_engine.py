@@ -172,15 +172,17 @@ def test_energy_trace_and_mse_match():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_strict_pc_runs_on_the_fast_backend_and_auto_uses_reference_on_cpu():
+def test_strict_pc_runs_on_the_fast_backend_and_auto_picks_it_on_cpu():
+    """On the CPU ``auto`` runs strict PC and ePC on the fast backend, FPA on the reference."""
     graph = _mlp().pc_graph()
     engine = FastPCEngine(graph, T=2, fpa=False)
     engine.compute_gradients(*_batch("mlp"))
     assert engine.last_backend == "fast"
-    for fpa in (True, False):
-        engine = PCEngine(graph, T=2, fpa=fpa, backend="auto")
+    for kw, want in ((dict(), "reference"), (dict(fpa=False), "fast"),
+                     (dict(fpa=False, epc=True), "fast")):
+        engine = PCEngine(graph, T=2, backend="auto", **kw)
         engine.compute_gradients(*_batch("mlp"))
-        assert engine.last_backend == "reference"
+        assert engine.last_backend == want, kw
 
 
 def test_bf16_autocast_runs_close_to_float32():
@@ -279,7 +281,7 @@ def test_auto_falls_back_on_a_kernel_failure_and_keeps_the_users_grads(monkeypat
     net.load_state_dict(state)
     for p, b in zip(net.parameters(), before):
         p.grad = b.clone()
-    monkeypatch.setattr(FastBackend, "prefers", lambda self, x: True)  # auto picks fast on CPU
+    monkeypatch.setattr(FastBackend, "prefers", lambda self, x, settings: True)  # auto picks fast on CPU
     monkeypatch.setattr(fast_backend, "pc_relax", _failing_relax(failure))
     engine = PCEngine(net.pc_graph(), T=4, backend="auto", backend_options={"kernels": "torch"})
     with pytest.warns(RuntimeWarning, match=cause):
@@ -296,7 +298,7 @@ def test_auto_falls_back_on_a_kernel_failure_and_keeps_the_users_grads(monkeypat
 
 
 def test_auto_lets_programming_errors_propagate(monkeypatch):
-    monkeypatch.setattr(FastBackend, "prefers", lambda self, x: True)
+    monkeypatch.setattr(FastBackend, "prefers", lambda self, x, settings: True)
     monkeypatch.setattr(fast_backend, "pc_relax", _failing_relax(TypeError("a bug")))
     engine = PCEngine(_MLP().double().pc_graph(), T=2, backend="auto")
     with pytest.raises(TypeError, match="a bug"):
@@ -304,7 +306,7 @@ def test_auto_lets_programming_errors_propagate(monkeypatch):
 
 
 def test_auto_runs_the_fast_backend_where_preferred(monkeypatch):
-    monkeypatch.setattr(FastBackend, "prefers", lambda self, x: True)
+    monkeypatch.setattr(FastBackend, "prefers", lambda self, x, settings: True)
     model = _mlp()
     x, y = _batch("mlp")
     (rm, ref), (fm, _) = _pair(model, T=3)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from _hand_mlp import HandMLP, strict_mlp_case
 from _nets import randomize_batchnorm
+from torch import nn
 
 from pcfast.models import build_model
-from pcfast.pc import PCEngine, decaying, spiking
+from pcfast.pc import PCEngine, decaying, sequential_graph, spiking
+from pcfast.pc.vjp_rules import has_rule
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 # Errors far from the output are tiny differences of O(1) values and predictions: their
@@ -180,3 +182,37 @@ def test_fpa_state_momentum_and_tol_on_the_fast_backend_equal_reference(name, kw
     """Under FPA the fast backend takes momentum steps (unfused, per-node velocities) and
     stops early under tol exactly as the reference does."""
     _compare(name, **kw)
+
+
+class _Swish(nn.Module):
+    """A module without an explicit VJP rule: its node runs on the autograd fallback."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.tanh(x)
+
+
+@pytest.mark.parametrize("mode", [dict(fpa=False), dict(fpa=False, schedule="sequential"),
+                                  dict(fpa=False, epc=True),
+                                  dict(fpa=False, ipc=True)],
+                         ids=["strict", "sequential", "epc", "ipc"])
+def test_nodes_without_a_rule_run_on_the_autograd_fallback(mode):
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 6), _Swish()),
+              nn.Linear(6, 4)]
+    net = nn.ModuleList(layers).double()
+    assert not has_rule(layers[1])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,), generator=g)
+    kw = dict(T=3, rate=0.3, **mode)
+    nets = {b: copy.deepcopy(net) for b in ("reference", "fast")}
+    results = {}
+    for backend, n in nets.items():
+        engine = PCEngine(sequential_graph(list(n)), backend=backend, **kw)
+        opt = torch.optim.SGD(n.parameters(), lr=0.05)
+        results[backend] = engine.step(x, y, opt)
+        assert engine.last_backend == backend
+    for k, e in results["reference"].errors.items():
+        torch.testing.assert_close(results["fast"].errors[k], e, **ERROR_TOL, msg=k)
+    for p, q in zip(nets["reference"].parameters(), nets["fast"].parameters()):
+        torch.testing.assert_close(q, p, **TOL)

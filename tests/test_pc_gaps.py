@@ -144,12 +144,15 @@ def test_strict_pc_weight_grads_match_a_hand_written_mlp(schedule, rate, T, clam
     torch.testing.assert_close(result.errors["layer1"], x2 - hand.predict(1, x1), **TOL)
 
 
+@pytest.mark.parametrize("backend", ["reference", "fast"])
 @pytest.mark.parametrize("fpa", [False, True])
 @pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
 @pytest.mark.parametrize("momentum, nesterov, clamp", [(0.6, False, None), (0.8, True, None),
                                                        (0.5, True, 0.05)])
-def test_state_momentum_matches_a_hand_written_mlp(fpa, schedule, momentum, nesterov, clamp):
-    """Heavy-ball and Nesterov steps on the values, strict PC and FPA, both schedules."""
+def test_state_momentum_matches_a_hand_written_mlp(fpa, schedule, momentum, nesterov, clamp,
+                                                   backend):
+    """Heavy-ball and Nesterov steps on the values, strict PC and FPA, both schedules, both
+    backends."""
     layers, graph, x, y = strict_mlp_case()
     hand = HandMLP(layers)
     T, rate = 6, 0.3
@@ -160,9 +163,9 @@ def test_state_momentum_matches_a_hand_written_mlp(fpa, schedule, momentum, nest
     plain = weight_grads(x, *hand.relax(x, y, T, rate, schedule, clamp, fpa=fpa), y)
     assert max(((a - b).norm() / b.norm()).item() for a, b in zip(want, plain)) > 1e-3
     engine = PCEngine(graph, T=T, rate=rate, schedule=schedule, fpa=fpa, error_clamp=clamp,
-                      state_momentum=momentum, state_nesterov=nesterov)
+                      state_momentum=momentum, state_nesterov=nesterov, backend=backend)
     engine.compute_gradients(x, y)
-    assert engine.last_backend == "reference"
+    assert engine.last_backend == backend
     got = [p.grad for lin in layers for p in (lin.weight, lin.bias)]
     for i, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, **TOL, msg=f"parameter {i}")

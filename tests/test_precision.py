@@ -89,16 +89,18 @@ def test_weighted_energy_matches_a_hand_written_mlp(mode, T, rate):
     assert max((a - b).abs().max().item() for a, b in zip(plain, want)) > 1e-3
 
 
+@pytest.mark.parametrize("backend", ["reference", "fast"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(schedule="sequential"), dict(epc=True),
                                     dict(ipc=True)])
-def test_unit_precisions_are_bit_identical(kwargs):
+def test_unit_precisions_are_bit_identical(kwargs, backend):
     layers, graph, x, y = strict_mlp_case()
     runs = []
     for precision in (None, {}, {"layer0": 1.0, "layer2": spiking(1.0, 3)}):
         ls = copy.deepcopy(layers)
         gr = sequential_graph([nn.Sequential(ls[0], nn.Tanh()), nn.Sequential(ls[1], nn.Tanh()),
                                ls[2]])
-        engine = PCEngine(gr, T=4, rate=0.3, fpa=False, precision=precision, **kwargs)
+        engine = PCEngine(gr, T=4, rate=0.3, fpa=False, precision=precision, backend=backend,
+                          **kwargs)
         if kwargs.get("ipc"):
             result = engine.step(x, y, torch.optim.SGD(gr.parameters(), lr=0.1))
             runs.append([p.detach().clone() for p in gr.parameters()])

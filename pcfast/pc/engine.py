@@ -8,9 +8,9 @@ Backends (:mod:`pcfast.pc.backends`) share one small interface (``can_use(x, set
 - ``"fast"``: explicit VJP rules, fused ops, CUDA graphs
   (:class:`~pcfast.pc.backends.fast.FastBackend`): FPA, and strict PC, iPC and ePC on the
   same rules without autograd in the inference steps (eagerly, no CUDA graph);
-- ``"auto"``: the fast backend where it can run and is preferred (CUDA batches; iPC always
-  runs on the reference under ``auto``), else the reference. Decided up front from the fast
-  backend's ``can_use``; while running, only a
+- ``"auto"``: the fast backend where it can run and is preferred (CUDA batches, and strict PC
+  and ePC on the CPU; iPC always runs on the reference under ``auto``), else the reference.
+  Decided up front from the fast backend's ``can_use``; while running, only a
   :class:`~pcfast.pc.backends.BackendUnavailable` (a missing or failing kernel or CUDA-graph
   capture) makes ``auto`` fall back, with a warning that names the cause. The user's
   accumulated ``.grad`` and the BatchNorm running statistics are kept as they were before the
@@ -51,9 +51,9 @@ class PCEngine:
         fpa: fixed prediction assumption (default); ``False`` is strict PC.
         output_loss: ``"ce"`` (default) or ``"mse"``.
         error_clamp: if set, clamp the propagated errors ``sum_v J_vu^T e_v`` to ``[-c, c]``.
-        backend: ``"reference"``, ``"fast"`` or ``"auto"`` (fast for CUDA batches it can run,
-            else reference; see the module docstring). The fast backend runs FPA, strict PC,
-            iPC and ePC, with every option.
+        backend: ``"reference"``, ``"fast"`` or ``"auto"`` (fast for CUDA batches and for
+            strict PC and ePC on the CPU, else reference; see the module docstring). The fast
+            backend runs FPA, strict PC, iPC and ePC, with every option.
         record_energy: keep the energy after initialisation and after every step.
         backend_options: options of the fast backend: ``kernels`` (``"auto"``, ``"triton"``,
             ``"torch"``), ``cuda_graph`` (bool), ``autocast`` (bool); see
@@ -263,7 +263,7 @@ class PCEngine:
             if not ok:
                 raise RuntimeError(f"backend='fast' cannot run this batch: {why}")
             return fast
-        if self._fast_disabled is not None or not fast.prefers(x):
+        if self._fast_disabled is not None or not fast.prefers(x, settings):
             return self._reference
         if not ok:
             self._warn_once(f"backend='auto' uses the reference PC backend: {why}")

@@ -97,8 +97,9 @@ class PCBackend(ABC):
     def can_use(self, x: torch.Tensor, settings: PCSettings) -> tuple[bool, str]:
         """``(True, "")`` if this backend can run a batch like ``x``, else ``(False, why)``."""
 
-    def prefers(self, x: torch.Tensor) -> bool:
-        """Whether ``backend="auto"`` should pick this backend for ``x`` when it can run it."""
+    def prefers(self, x: torch.Tensor, settings: PCSettings) -> bool:
+        """Whether ``backend="auto"`` should pick this backend for ``x`` under ``settings`` when
+        it can run it."""
         return True
 
     @abstractmethod

@@ -149,12 +149,14 @@ class StrictRunner:
         return back
 
     @staticmethod
-    def _update(name, value, mu, e_w, backs, s: PCSettings, steps: StateSteps) -> torch.Tensor:
+    def _update(name, value, mu, e_w, backs, s: PCSettings, steps: StateSteps,
+                t: int) -> torch.Tensor:
         """``x - rate (pi e - clamp(sum(backs)))`` (or the momentum step on that gradient).
 
         Plain steps run as ``(x - pi e) + pc_relax(pi e, backs)``: ``pc_relax`` sums the
         contributions, clamps and forms ``pi e + rate (clamp(back) - pi e)`` in one pass, and
-        ``x - pi e`` is the prediction itself without precision weighting."""
+        ``x - pi e`` is the prediction itself where ``pi = 1`` (so that unit precisions give
+        bit-identical results)."""
         if not backs:
             backs = [torch.zeros_like(value)]
         if s.state_momentum:
@@ -164,7 +166,7 @@ class StrictRunner:
             return steps.update(name, value, e_w - clamp(back, s))
         out = torch.empty_like(value)
         pc_relax(e_w, backs, s.rate, s.error_clamp, out)
-        return out.add_(mu.detach() if s.precision is None else value - e_w)
+        return out.add_(mu.detach() if _unit(name, s, t) else value - e_w)
 
     # ----------------------------------------------------------------------- strict / iPC
     def run_strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings,
@@ -210,7 +212,7 @@ class StrictRunner:
         back = self._propagate(rules, sent)
         for name in self.graph.hidden:
             values[name] = self._update(name, values[name], mus[name], sent[name],
-                                        back.get(name), s, steps)
+                                        back.get(name), s, steps, t)
 
     def _ipc_step(self, values, fixed, y, s, steps, t, params, n) -> None:
         """dF/dx and dF/dtheta at one point; the values move, ``.grad`` is set."""
@@ -218,13 +220,15 @@ class StrictRunner:
         start = dict(values)
         mus, rules = self._predict(start, fixed, grad=True)
         errors, sent = self._errors(start, mus, y, s, t)
+        # The propagated errors first: a node on the autograd fallback takes its input-VJP
+        # through the graph that the weight gradients then free.
+        back = self._propagate(rules, sent) if s.schedule == "jacobi" else {}
         ps, grads = weight_grads(g, [mus[nd.name] for nd in g.nodes],
                                  [sent[nd.name] for nd in g.nodes])
         if s.schedule == "jacobi":
-            back = self._propagate(rules, sent)
             for name in g.hidden:
                 values[name] = self._update(name, values[name], mus[name], sent[name],
-                                            back.get(name), s, steps)
+                                            back.get(name), s, steps, t)
         else:
             self._sequential_sweep(values, fixed, y, s, steps, t)
         for p in params:
@@ -239,7 +243,7 @@ class StrictRunner:
             errors, sent = self._errors(values, mus, y, s, t)
             back = self._propagate(rules, sent, into=name)
             values[name] = self._update(name, values[name], mus[name], sent[name],
-                                        back.get(name), s, steps)
+                                        back.get(name), s, steps, t)
 
     def _finish(self, x, y, s, values, fixed, logits, trace, taken,
                 weight_grads_too: bool) -> PCResult:
@@ -304,7 +308,7 @@ class StrictRunner:
                     b = back[name].to(e.dtype) if name in back else torch.zeros_like(e)
                     if s.state_momentum:  # dF/de = pi e - back
                         errors[name] = steps.update(name, e, weighted(name, e, s, t) - b)
-                    elif s.precision is None:  # e - rate (e - back) in one pass
+                    elif _unit(name, s, t):  # e - rate (e - back) in one pass
                         errors[name] = torch.lerp(e, b, s.rate)
                     else:
                         errors[name] = e - s.rate * (weighted(name, e, s, t) - b)
@@ -322,6 +326,11 @@ class StrictRunner:
                     node.fn(*(vals[p] for p in node.parents))
                 vals[node.name] = mu + errors[node.name]
         return vals
+
+
+def _unit(name: str, s: PCSettings, t: int) -> bool:
+    """Whether node ``name``'s precision at step ``t`` is 1 (always, without weighting)."""
+    return s.precision is None or float(s.precision(name, t)) == 1.0
 
 
 __all__ = ["StrictRunner"]
