@@ -42,19 +42,19 @@ HELP = {
     "fpa": "fixed prediction assumption (--no-fpa: strict PC, predictions recomputed every step)",
     "output_loss": "PC output energy: ce or mse",
     "error_clamp": "clamp the propagated PC errors to [-c, c]",
-    "state_momentum": "momentum of the PC inference steps on the values (0: plain steps; "
-                      "reference backend)",
+    "state_momentum": "momentum of the PC inference steps on the values (0: plain steps)",
     "state_nesterov": "Nesterov momentum for the PC inference steps",
     "ipc": "incremental PC: strict PC whose weights take an optimizer step at every inference "
-           "step (needs --no-fpa; reference backend)",
+           "step (needs --no-fpa; auto runs it on the reference backend)",
     "tol": "adaptive inference: stop when the energy changes by at most this fraction between "
-           "two readings (T becomes the maximum; reference backend)",
+           "two readings (T becomes the maximum)",
     "check_every": "inference steps between two energy readings under --tol",
     "precision": "JSON object node -> precision of its energy term (strict PC, iPC, ePC), e.g. "
                  "'{\"layer0\": 2.0}'; unnamed nodes keep 1",
     "epc": "error-based PC: the errors are the free variables, one forward+backward per step "
-           "(needs --no-fpa, jacobi; reference backend)",
-    "pc_backend": "PC engine backend: auto (fast on CUDA, else reference; iPC: reference), fast, reference",
+           "(needs --no-fpa, jacobi)",
+    "pc_backend": "PC engine backend: auto (fast on CUDA and for strict PC/ePC on a CPU, "
+                  "else reference; iPC: reference), fast, reference",
     "data_dir": "folder holding cifar-10-batches-py (default: $PCFAST_CIFAR10_DIR, ~/.cache/pcfast)",
     "download": "download CIFAR-10 through torchvision when no copy is found",
     "allow_unofficial_data": "accept a CIFAR-10 copy whose md5 sums are not the official ones",

@@ -16,7 +16,8 @@ class PCResDualNet(ResDualNet):
     and returns a :class:`~pcfast.pc.PCResult` with ``loss``, ``accuracy`` and ``energy``.
 
     ``backend="auto"`` runs the fast engine (explicit VJP rules, fused kernels, CUDA graphs under
-    FPA) for CUDA batches and the reference path otherwise; see :class:`~pcfast.pc.PCEngine`.
+    FPA) for CUDA batches and for strict PC on the CPU, the reference path otherwise; see
+    :class:`~pcfast.pc.PCEngine`.
 
     Example::
 

@@ -92,8 +92,7 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
 #
 # The states take PCX's SGD with heavy-ball momentum (lr_x, m) as pcfast's state momentum
 # (``rate`` = lr_x, ``state_momentum`` = m; optax's and torch's SGD share the convention).
-# ``pc_backend="auto"``: the fast backend's strict PC on CUDA, the reference on a CPU (pass
-# ``--pc-backend fast`` there too).
+# ``pc_backend="auto"``: the fast backend's strict PC (on CUDA and on a CPU).
 #
 # What differs from PCX (pcfast cannot do it today, or does it differently):
 # - State gradient scale: PCX differentiates the batch mean of the energy (pmean under vmap); we
