@@ -177,13 +177,13 @@ class StrictRunner:
         params = g.parameters()
         n = x.shape[0]
         ff = self._feedforward(x)
-        out = ff[g.output]
-        self._target = F.one_hot(y, out.shape[1]).to(out.dtype)  # this batch's, formed once
         logits = ff[g.output]
+        self._target = F.one_hot(y, logits.shape[1]).to(logits.dtype)  # formed once per batch
         # Under iPC the weights move at every step: no prediction stays fixed.
         fixed = {} if weight_step is not None else \
             {k: ff[k] for k in g.hidden if k not in self.sender_names}
-        values = {name: ff[name].clone() for name in g.hidden}
+        # Every step makes new value tensors (none is written in place): no copy needed.
+        values = {name: ff[name] for name in g.hidden}
         values[g.input_name] = x
         steps, trace = StateSteps(s), []
         with frozen_running_stats(g.modules):
@@ -269,9 +269,8 @@ class StrictRunner:
         """Error-based PC on one batch (jacobi, no clamp: validated by the front)."""
         g = self.graph
         ff = self._feedforward(x)
-        out = ff[g.output]
-        self._target = F.one_hot(y, out.shape[1]).to(out.dtype)  # this batch's, formed once
         logits = ff[g.output]
+        self._target = F.one_hot(y, logits.shape[1]).to(logits.dtype)  # formed once per batch
         fixed = {k: ff[k] for k in g.hidden if k not in self.sender_names}
         errors = {name: torch.zeros_like(ff[name]) for name in g.hidden}
         steps, trace = StateSteps(s), []
