@@ -38,7 +38,7 @@ from pcfast.pc.backends.base import (
     make_result,
     weight_grads,
 )
-from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, weighted
+from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, summed, weighted
 from pcfast.pc.energy import frozen_running_stats, output_energy
 from pcfast.pc.graph import PCGraph
 from pcfast.pc.vjp_rules import Rule, has_rule, node_forward
@@ -58,6 +58,9 @@ class StrictRunner:
         g = graph
         self.senders = [n for n in g.nodes if any(p != g.input_name for p in n.parents)]
         self.sender_names = {n.name for n in self.senders}
+        # Per sender, once: which inputs receive errors, and whether it needs autograd.
+        self.needs = {n.name: [p != g.input_name for p in n.parents] for n in self.senders}
+        self.fallback = {n.name for n in self.senders if not has_rule(n.fn)}
 
     # -------------------------------------------------------------------- predictions
     def _feedforward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,21 +94,20 @@ class StrictRunner:
                      want_rule: bool = True) -> tuple[torch.Tensor, Rule | None]:
         """One node's prediction at ``values`` and, for a sender (if ``want_rule``), its
         input-VJP rule."""
-        g = self.graph
         if node.name not in self.sender_names or not want_rule:
             if not grad and node.name in fixed:
                 return fixed[node.name], None
             with torch.set_grad_enabled(grad):
                 return node.fn(*(values[p] for p in node.parents)), None
         inputs = [values[p] for p in node.parents]
-        needs = [p != g.input_name for p in node.parents]
-        fallback = not has_rule(node.fn)
+        needs = self.needs[node.name]
+        fallback = node.name in self.fallback
         if fallback:  # autograd over the node: its hidden inputs become leaves
             inputs = [v.detach().requires_grad_(True) if n else v for v, n in zip(inputs, needs)]
         with torch.set_grad_enabled(grad or fallback):
             return node_forward(node.fn, inputs, needs, self.kernels)
 
-    def _errors(self, values, mus, y, s: PCSettings, t: int) -> tuple[dict, dict]:
+    def _errors(self, values, mus, s: PCSettings, t: int) -> tuple[dict, dict]:
         """``(e, pi e)`` for the nodes in ``mus``: hidden ``x - mu``, output ``-dL/dmu``."""
         g = self.graph
         errors, weighted_errors = {}, {}
@@ -122,15 +124,19 @@ class StrictRunner:
         return self._target - pred
 
     def _energy(self, values, fixed, y, s: PCSettings, t: int) -> torch.Tensor:
-        """``sum_v pi_v(t)/2 ||x_v - mu_v||^2 + pi_out(t) L`` at ``values`` (no rules)."""
+        """The energy at ``values`` (predictions without rules)."""
         g = self.graph
         with torch.no_grad():
             mus = {n.name: (fixed[n.name] if n.name in fixed
                             else n.fn(*(values[p] for p in n.parents))) for n in g.nodes}
-            hidden = sum(weighted(n, 0.5 * (values[n] - mus[n]).pow(2).sum(), s, t)
-                         for n in g.hidden)
-            return hidden + weighted(g.output, output_energy(mus[g.output], y, s.output_loss),
-                                     s, t)
+            return self._weighted_energy({n: values[n] - mus[n] for n in g.hidden},
+                                         mus[g.output], y, s, t)
+
+    def _weighted_energy(self, errors, logits, y, s: PCSettings, t: int) -> torch.Tensor:
+        """``sum_v pi_v(t)/2 ||e_v||^2 + pi_out(t) L(logits)`` over the hidden ``errors``."""
+        g = self.graph
+        hidden = sum(weighted(n, 0.5 * errors[n].pow(2).sum(), s, t) for n in g.hidden)
+        return hidden + weighted(g.output, output_energy(logits, y, s.output_loss), s, t)
 
     def _propagate(self, rules: dict[str, Rule], sent: dict[str, torch.Tensor],
                    into: str | None = None) -> dict[str, list[torch.Tensor]]:
@@ -160,10 +166,7 @@ class StrictRunner:
         if not backs:
             backs = [torch.zeros_like(value)]
         if s.state_momentum:
-            back = backs[0].to(value.dtype)
-            for other in backs[1:]:
-                back = back + other.to(value.dtype)
-            return steps.update(name, value, e_w - clamp(back, s))
+            return steps.update(name, value, e_w - clamp(summed(backs, value.dtype), s))
         out = torch.empty_like(value)
         pc_relax(e_w, backs, s.rate, s.error_clamp, out)
         return out.add_(mu.detach() if _unit(name, s, t) else value - e_w)
@@ -195,31 +198,31 @@ class StrictRunner:
                     taken = t
                     break
                 if weight_step is not None:
-                    self._ipc_step(values, fixed, y, s, steps, t, params, n)
+                    self._ipc_step(values, fixed, s, steps, t, params, n)
                     weight_step()
                 elif s.schedule == "jacobi":
-                    self._jacobi_step(values, fixed, y, s, steps, t)
+                    self._jacobi_step(values, fixed, s, steps, t)
                 else:
-                    self._sequential_sweep(values, fixed, y, s, steps, t)
+                    self._sequential_sweep(values, fixed, s, steps, t)
                 if s.record_energy:
                     trace.append(self._energy(values, fixed, y, s, t + 1))
-            return self._finish(x, y, s, values, fixed, logits, trace, taken,
+            return self._finish(x, y, s, values, logits, trace, taken,
                                 weight_grads_too=weight_step is None)
 
-    def _jacobi_step(self, values, fixed, y, s, steps, t) -> None:
+    def _jacobi_step(self, values, fixed, s, steps, t) -> None:
         mus, rules = self._predict(values, fixed)
-        errors, sent = self._errors(values, mus, y, s, t)
+        errors, sent = self._errors(values, mus, s, t)
         back = self._propagate(rules, sent)
         for name in self.graph.hidden:
             values[name] = self._update(name, values[name], mus[name], sent[name],
                                         back.get(name), s, steps, t)
 
-    def _ipc_step(self, values, fixed, y, s, steps, t, params, n) -> None:
+    def _ipc_step(self, values, fixed, s, steps, t, params, n) -> None:
         """dF/dx and dF/dtheta at one point; the values move, ``.grad`` is set."""
         g = self.graph
         start = dict(values)
         mus, rules = self._predict(start, fixed, grad=True)
-        errors, sent = self._errors(start, mus, y, s, t)
+        errors, sent = self._errors(start, mus, s, t)
         # The propagated errors first: a node on the autograd fallback takes its input-VJP
         # through the graph that the weight gradients then free.
         back = self._propagate(rules, sent) if s.schedule == "jacobi" else {}
@@ -230,36 +233,35 @@ class StrictRunner:
                 values[name] = self._update(name, values[name], mus[name], sent[name],
                                             back.get(name), s, steps, t)
         else:
-            self._sequential_sweep(values, fixed, y, s, steps, t)
+            self._sequential_sweep(values, fixed, s, steps, t)
         for p in params:
             p.grad = None
         accumulate(ps, grads, n, sign=-1.0)
 
-    def _sequential_sweep(self, values, fixed, y, s, steps, t) -> None:
+    def _sequential_sweep(self, values, fixed, s, steps, t) -> None:
         g = self.graph
         for name in reversed(g.hidden):
             kids = {k.name for k in g.children[name]}
             mus, rules = self._predict(values, fixed, kids | {name}, rules_for=kids)
-            errors, sent = self._errors(values, mus, y, s, t)
+            errors, sent = self._errors(values, mus, s, t)
             back = self._propagate(rules, sent, into=name)
             values[name] = self._update(name, values[name], mus[name], sent[name],
                                         back.get(name), s, steps, t)
 
-    def _finish(self, x, y, s, values, fixed, logits, trace, taken,
-                weight_grads_too: bool) -> PCResult:
-        """Errors and energy at the final values; strict PC's weight gradients there."""
+    def _finish(self, x, y, s, values, logits, trace, taken, weight_grads_too: bool,
+                trace_final: bool = False) -> PCResult:
+        """Errors and energy at the final values (appended to ``trace`` with
+        ``trace_final``); strict PC's weight gradients there."""
         g = self.graph
         with torch.set_grad_enabled(weight_grads_too):
             mus = {nd.name: nd.fn(*(values[p] for p in nd.parents)) for nd in g.nodes}
-        errors, sent = self._errors(values, mus, y, s, taken)
+        errors, sent = self._errors(values, mus, s, taken)
         if weight_grads_too:
             params, grads = weight_grads(g, [mus[nd.name] for nd in g.nodes],
                                          [sent[nd.name] for nd in g.nodes])
             accumulate(params, grads, x.shape[0], sign=-1.0)
-        out = mus[g.output].detach()
-        hidden = sum(weighted(k, 0.5 * errors[k].pow(2).sum(), s, taken) for k in g.hidden)
-        energy = hidden + weighted(g.output, output_energy(out, y, s.output_loss), s, taken)
-        if s.record_energy and s.epc:
+        energy = self._weighted_energy(errors, mus[g.output].detach(), y, s, taken)
+        if trace_final:
             trace.append(energy)
         ff_loss = output_energy(logits, y, s.output_loss)
         return make_result(logits, y, ff_loss, energy, errors, trace, taken)
@@ -277,31 +279,19 @@ class StrictRunner:
         with frozen_running_stats(g.modules):
             stop, taken = StopRule(s), s.T
             for t in range(s.T):
-                # One pass: x_v = f_v(parents) + e_v, with the senders' rules at those values.
-                values, rules = {g.input_name: x}, {}
-                for node in g.nodes:
-                    mu, rule = self.predict_node(node, values, fixed, grad=False)
-                    if rule is not None:
-                        rules[node.name] = rule
-                    values[node.name] = mu + errors[node.name] if node.name in errors else mu
+                values, rules = self._epc_forward(x, errors, fixed, with_rules=True)
                 out = values[g.output]
 
                 def energy(t=t, out=out) -> torch.Tensor:
-                    hidden = sum(weighted(k, 0.5 * errors[k].pow(2).sum(), s, t) for k in g.hidden)
-                    return hidden + weighted(g.output, output_energy(out, y, s.output_loss), s, t)
+                    return self._weighted_energy(errors, out, y, s, t)
 
                 if stop.done(t, energy):
                     taken = t
                     break
                 if s.record_energy:
                     trace.append(energy())
-                # -dL/dx from the output down: hidden x_k = f_k + e_k passes on all it receives.
-                back = {g.output: weighted(g.output, self._output_error(out, s), s, t)}
-                for node in reversed(self.senders):
-                    grads = rules[node.name].vjp(back[node.name])
-                    for p, gr in zip(node.parents, grads):
-                        if p != g.input_name and gr is not None:
-                            back[p] = gr if p not in back else back[p] + gr
+                back = self._epc_backward(rules, weighted(g.output, self._output_error(out, s),
+                                                          s, t))
                 for name in g.hidden:
                     e = errors[name]
                     b = back[name].to(e.dtype) if name in back else torch.zeros_like(e)
@@ -311,20 +301,35 @@ class StrictRunner:
                         errors[name] = torch.lerp(e, b, s.rate)
                     else:
                         errors[name] = e - s.rate * (weighted(name, e, s, t) - b)
-            values = self._epc_values(x, errors, fixed)
-            return self._finish(x, y, s, values, fixed, logits, trace, taken,
-                                weight_grads_too=True)
+            values, _ = self._epc_forward(x, errors, fixed, with_rules=False)
+            return self._finish(x, y, s, values, logits, trace, taken, weight_grads_too=True,
+                                trace_final=s.record_energy)
 
-    def _epc_values(self, x, errors, fixed) -> dict[str, torch.Tensor]:
-        """``x_v = f_v(parents) + e_v`` for every hidden node (one prediction pass)."""
+    def _epc_forward(self, x, errors, fixed,
+                     with_rules: bool) -> tuple[dict[str, torch.Tensor], dict[str, Rule]]:
+        """``x_v = f_v(parents) + e_v`` for every hidden node, the output's prediction, and
+        (``with_rules``) the senders' rules at those values: one prediction pass."""
         g = self.graph
-        vals = {g.input_name: x}
-        with torch.no_grad():
-            for node in g.nodes[:-1]:
-                mu = fixed[node.name] if node.name in fixed else \
-                    node.fn(*(vals[p] for p in node.parents))
-                vals[node.name] = mu + errors[node.name]
-        return vals
+        values, rules = {g.input_name: x}, {}
+        for node in g.nodes:
+            mu, rule = self.predict_node(node, values, fixed, grad=False, want_rule=with_rules)
+            if rule is not None:
+                rules[node.name] = rule
+            values[node.name] = mu + errors[node.name] if node.name in errors else mu
+        return values, rules
+
+    def _epc_backward(self, rules: dict[str, Rule],
+                      seed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``b_u = -dL/dx_u`` for every hidden node, from ``seed = b_out`` down: a hidden
+        ``x_k = f_k + e_k`` passes on all it receives, so each sender's rule takes the sum."""
+        g = self.graph
+        back = {g.output: seed}
+        for node in reversed(self.senders):
+            grads = rules[node.name].vjp(back[node.name])
+            for p, gr in zip(node.parents, grads):
+                if p != g.input_name and gr is not None:
+                    back[p] = gr if p not in back else back[p] + gr
+        return back
 
 
 def _unit(name: str, s: PCSettings, t: int) -> bool:

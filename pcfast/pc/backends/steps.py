@@ -16,6 +16,14 @@ def relax(e: torch.Tensor, back: torch.Tensor, s: PCSettings) -> torch.Tensor:
     return torch.lerp(e, back, s.rate) if s.rate != 1.0 else back
 
 
+def summed(backs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The propagated errors a node receives, ``sum_v J_vu^T e_v``, added in ``dtype``."""
+    back = backs[0].to(dtype)
+    for other in backs[1:]:
+        back = back + other.to(dtype)
+    return back
+
+
 def clamp(back: torch.Tensor, s: PCSettings) -> torch.Tensor:
     """The optional clamp of the propagated errors ``sum_v J_vu^T e_v``."""
     if s.error_clamp is None:
