@@ -46,7 +46,7 @@ from pcfast.pc.backends.base import (
 )
 from pcfast.pc.backends.capture import CaptureCache, CudaGraphRelaxation
 from pcfast.pc.backends.fast_strict import StrictRunner
-from pcfast.pc.backends.steps import StopRule
+from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, summed
 from pcfast.pc.energy import output_energy, output_error
 from pcfast.pc.graph import PCGraph
 from pcfast.pc.vjp_rules import KERNELS, Rule, node_forward
@@ -270,13 +270,14 @@ class FastBackend(PCBackend):
             plan.append((node.name, targets, done))
         return plan
 
-    def _step_fn(self, rules, e_out, cur: dict, nxt: dict, s: PCSettings, vel: dict | None):
+    def _step_fn(self, rules, e_out, cur: dict, nxt: dict, s: PCSettings,
+                 momentum: StateSteps | None):
         """One step: every sender's VJP, each hidden node relaxed by its last writer (with
-        ``vel``, the per-node velocities, a momentum step instead of the fused relax)."""
+        ``momentum``, the batch's state-momentum steps instead of the fused relax)."""
         plan = self._plan(rules)
         out_name = self.graph.output
         read = nxt if s.schedule == "sequential" else cur
-        rate, clamp = s.rate, s.error_clamp
+        rate, limit = s.rate, s.error_clamp
         # Fused forms need one input per parent (a node fed twice by one parent sums its VJPs).
         distinct = {name: len({p for _, p in targets}) == len(targets)
                     for name, targets, _ in plan}
@@ -286,12 +287,12 @@ class FastBackend(PCBackend):
             for name, targets, done in plan:
                 e = e_out if name == out_name else read[name]
                 rule = rules[name]
-                if done and distinct[name] and vel is None:
+                if done and distinct[name] and momentum is None:
                     # The last writer of the parents in `done`: VJP and their updates in one op
                     # where the rule has a fused form.
                     finish = {i: (cur[p], pending.get(p, []), nxt[p])
                               for i, p in targets if p in done}
-                    res = rule.fused(e, finish, rate, clamp)
+                    res = rule.fused(e, finish, rate, limit)
                     if res is not None:
                         for i, p in targets:
                             if i in finish:
@@ -303,27 +304,14 @@ class FastBackend(PCBackend):
                 for i, p in targets:
                     pending.setdefault(p, []).append(grads[i])
                 for p in done:
-                    if vel is None:
-                        pc_relax(cur[p], pending.pop(p), rate, clamp, nxt[p])
-                    else:
-                        self._momentum_step(cur[p], pending.pop(p), vel[p], nxt[p], s)
+                    if momentum is None:
+                        pc_relax(cur[p], pending.pop(p), rate, limit, nxt[p])
+                    else:  # under FPA mu is fixed: the value step is the error step
+                        e = cur[p]
+                        g = e - clamp(summed(pending.pop(p), e.dtype), s)
+                        nxt[p].copy_(momentum.update(p, e, g))
 
         return step
-
-    @staticmethod
-    def _momentum_step(e, backs, v, out, s: PCSettings) -> None:
-        """``g = e - clamp(sum(backs))``, ``v <- m v + g`` (``v`` starts at zero, so ``v = g``
-        at the first step), ``out = e - rate v`` (heavy-ball) or ``e - rate (g + m v)``
-        (Nesterov): the reference's state momentum on the errors (under FPA ``mu`` is fixed)."""
-        back = backs[0].to(e.dtype)
-        for other in backs[1:]:
-            back = back + other.to(e.dtype)
-        if s.error_clamp is not None:
-            back = back.clamp(-s.error_clamp, s.error_clamp)
-        g = e - back
-        v.mul_(s.state_momentum).add_(g)
-        step = g + s.state_momentum * v if s.state_nesterov else v
-        torch.sub(e, s.rate * step, out=out)
 
     def _relax(self, rules, e_out, bufs, shapes, s: PCSettings, trace: list,
                base_energy) -> tuple[torch.Tensor, int]:
@@ -332,9 +320,9 @@ class FastBackend(PCBackend):
         a, b = bufs
         a.zero_()  # x = mu after the feedforward pass: every hidden error starts at zero
         views = (self._views(a, shapes), self._views(b, shapes))
-        vel = self._views(torch.zeros_like(a), shapes) if s.state_momentum else None
-        steps = (self._step_fn(rules, e_out, views[0], views[1], s, vel),
-                 self._step_fn(rules, e_out, views[1], views[0], s, vel))
+        momentum = StateSteps(s) if s.state_momentum else None
+        steps = (self._step_fn(rules, e_out, views[0], views[1], s, momentum),
+                 self._step_fn(rules, e_out, views[1], views[0], s, momentum))
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
 
         def energy(t: int) -> torch.Tensor:
