@@ -183,8 +183,15 @@ class DistContext:
             torch.manual_seed((seed * 1_000_003 + epoch) * 65_537 + self.rank + 1)
 
     def close(self) -> None:
-        """Leave the process group if this context created it."""
+        """Leave the process group if this context created it, once every rank is done.
+
+        The barrier first keeps a rank that finished from tearing its connections down (and
+        exiting) while another still works, rank 0 writing the last checkpoint: without it a
+        Gloo rank that exits early can abort in its teardown (SIGABRT, "terminate called
+        without an active exception"), which fails the whole run after it completed.
+        """
         if self.owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

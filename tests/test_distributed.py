@@ -311,6 +311,34 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_batch_and_keeps_the_chec
     assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1]
 
 
+LAST_RANK_DELAY_S = 1.5
+
+
+def _closing_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PCFAST_DIST_TIMEOUT="30")
+    ctx = init_distributed("cpu")
+    assert ctx.owns_group and ctx.enabled
+    if rank == 0:
+        time.sleep(LAST_RANK_DELAY_S)  # rank 0 still writing its last checkpoint
+    start = time.monotonic()
+    ctx.close()
+    waited = time.monotonic() - start
+    (Path(out) / f"rank{rank}.txt").write_text(f"{waited} {dist.is_initialized()}")
+
+
+def test_a_rank_that_finishes_first_leaves_the_group_only_with_the_others(tmp_path):
+    """``close`` waits for every rank before tearing the group down: a Gloo rank that exits
+    while another still works can abort in its teardown and fail a finished run."""
+    spawn_ranks(_closing_worker, (WORLD, _free_port(), str(tmp_path)))
+    waited = {}
+    for r in range(WORLD):
+        seconds, still_in = (tmp_path / f"rank{r}.txt").read_text().split()
+        assert still_in == "False", "close() leaves the process group"
+        waited[r] = float(seconds)
+    assert waited[1] >= LAST_RANK_DELAY_S - 0.5, waited
+
+
 # ----------------------------------------------------------------------- whole runs (torchrun)
 TINY_RUN = ["--model", "mlp", "--model-kwargs", '{"hidden": [64, 64], "batchnorm": true}',
             "--rule", "pc", "--T", "2", "--pc-backend", "reference", "--synthetic",
