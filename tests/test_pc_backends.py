@@ -168,6 +168,42 @@ def test_eval_mode_batchnorm_rule_equals_reference():
         torch.testing.assert_close(f.errors[k], r.errors[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
+def test_a_result_s_errors_survive_later_batches_and_its_memory_is_reused_once_dropped():
+    """The fast backend hands each result its final error buffer; the next batch takes that
+    memory back only when nothing refers to it any more (no result, no view)."""
+    torch.manual_seed(0)
+    net = MLP(in_features=12, hidden=(16, 16), num_classes=3)
+    engine = PCEngine(net.pc_graph(), T=3, backend="fast", backend_options={"kernels": "torch"})
+    gen = torch.Generator().manual_seed(1)
+
+    def batch():
+        return torch.randn(4, 12, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+
+    def memory(result):
+        return {e.untyped_storage().data_ptr() for k, e in result.errors.items()
+                if k != net.pc_graph().output}
+
+    kept = engine.compute_gradients(*batch())
+    before = {k: e.clone() for k, e in kept.errors.items()}
+    hidden = memory(kept)
+    assert len(hidden) == 1  # one flat buffer behind every hidden node
+    second = engine.compute_gradients(*batch())  # the kept result still refers to its buffer
+    assert memory(second).isdisjoint(hidden)
+    for k, e in kept.errors.items():
+        torch.testing.assert_close(e, before[k], rtol=0, atol=0, msg=k)
+
+    view = kept.errors[net.pc_graph().hidden[0]][0]  # a view outlives its result
+    snapshot = view.clone()
+    del kept
+    third = engine.compute_gradients(*batch())
+    torch.testing.assert_close(view, snapshot, rtol=0, atol=0)
+    assert memory(third).isdisjoint(memory(second))
+
+    reused = memory(third)
+    del third
+    assert memory(engine.compute_gradients(*batch())) == reused  # nothing refers to it: reused
+
+
 # ------------------------------------------------------------------------------ capture cache
 class _FakeCapture:
     def __init__(self, key):
