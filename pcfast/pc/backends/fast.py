@@ -340,25 +340,68 @@ class FastBackend(PCBackend):
                base_energy) -> tuple[torch.Tensor, int]:
         """Run up to ``T`` steps over the double buffer (fewer when ``tol`` stops them); return
         the flat buffer with the result and the steps taken."""
+        # x = mu after the feedforward pass: every hidden error starts at zero. A jacobi run
+        # takes its first step from that zero state without reading it (``_first_step_fn``),
+        # so the start buffer is zeroed only where it is read.
         a, b = bufs
-        a.zero_()  # x = mu after the feedforward pass: every hidden error starts at zero
         views = (self._views(a, shapes), self._views(b, shapes))
         momentum = StateSteps(s) if s.state_momentum else None
         steps = (self._step_fn(rules, e_out, views[0], views[1], s, momentum),
                  self._step_fn(rules, e_out, views[1], views[0], s, momentum))
+        first = None
+        if s.schedule == "jacobi" and momentum is None and s.T > 0:
+            first = self._first_step_fn(rules, e_out, views[0], views[1], b, s)
+        zeroed = first is None
+        if zeroed:
+            a.zero_()
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
 
         def energy(t: int) -> torch.Tensor:
+            if t == 0 and not zeroed:
+                return base_energy + 0.0  # every hidden error is zero
             return 0.5 * bufs[t % 2].to(acc).pow(2).sum() + base_energy
 
         stop = StopRule(s)
+        taken = s.T
         for t in range(s.T):
             if stop.done(t, lambda t=t: energy(t)):
-                return bufs[t % 2], t
-            steps[t % 2]()
+                taken = t
+                break
+            (first if t == 0 and first is not None else steps[t % 2])()
             if s.record_energy:
                 trace.append(energy(t + 1))
-        return bufs[s.T % 2], s.T
+        return bufs[taken % 2], taken  # taken > 0 where not zeroed: no reading stops at t=0
+
+    def _first_step_fn(self, rules, e_out, cur: dict, nxt: dict, nxt_flat: torch.Tensor,
+                       s: PCSettings) -> Callable[[], None]:
+        """The first jacobi step from the zero state, as one VJP and a fill.
+
+        Every hidden sender's VJP of a zero error is zero, so a full sweep would only move the
+        output's hidden parents, each to ``lerp(0, clamp(J^T e_out), rate)`` (the sum of the
+        exact zeros the other senders add changes nothing), and leave every other node at
+        zero. The start state is never read; only the output parents' entries are zeroed, as
+        the ``e`` of their update.
+        """
+        g = self.graph
+        out = g.output
+        hidden = set(g.hidden)
+        node = next(n for n in g.nodes if n.name == out)
+        targets = [(i, p) for i, p in enumerate(node.parents) if p in hidden]
+        rule = rules.get(out)
+
+        def first() -> None:
+            nxt_flat.zero_()
+            if rule is None or not targets:
+                return
+            grads = rule.vjp(e_out)
+            backs: dict[str, list[torch.Tensor]] = {}
+            for i, p in targets:
+                backs.setdefault(p, []).append(grads[i])
+            for p, contributions in backs.items():
+                cur[p].zero_()
+                pc_relax(cur[p], contributions, s.rate, s.error_clamp, nxt[p])
+
+        return first
 
     def _run_graphed(self, rules, e_out, shapes, dtype, x, s: PCSettings) -> torch.Tensor:
         key = (tuple((n, r.signature) for n, r in rules.items()), tuple(e_out.shape), dtype,
