@@ -168,6 +168,38 @@ def test_eval_mode_batchnorm_rule_equals_reference():
         torch.testing.assert_close(f.errors[k], r.errors[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
+def test_batchnorm_rules_take_the_statistics_training_bn_saved(monkeypatch):
+    """On the CPU the rules of training BatchNorm reuse the batch mean and invstd that the
+    BN's autograd node saved (no second statistics pass); values equal a fresh computation."""
+    import pcfast.pc.vjp_rules as vr
+    from pcfast.ops.bn_relu_vjp import bn_saved_stats
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(5).double().train()
+    z = torch.randn(4, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    y = bn(z)
+    mean, invstd = vr.batch_stats(y, z.detach(), bn.eps)
+    want = bn_saved_stats(z.detach(), bn.eps)
+    torch.testing.assert_close(mean, want[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(invstd, want[1], rtol=1e-14, atol=0)
+    with torch.no_grad():  # no autograd node: computed again
+        fallback = vr.batch_stats(bn(z), z.detach(), bn.eps)
+    torch.testing.assert_close(fallback[0], want[0], rtol=0, atol=1e-15)
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("a second statistics pass in the feedforward")
+
+    monkeypatch.setattr(vr, "bn_saved_stats", second_pass)
+    net = ResDualNet(stem_channels=3, stages=((6, 2),), blocks_per_stage=1).double()
+    mlp = MLP(in_features=12, hidden=(8, 8), batchnorm=True, activation="tanh").double()  # BN alone
+    for model, shape in ((net, (2, 3, 8, 8)), (mlp, (3, 12))):
+        for kernels in ("auto", "torch"):
+            engine = PCEngine(model.pc_graph(), T=2, backend="fast",
+                              backend_options={"kernels": kernels})
+            engine.compute_gradients(torch.randn(*shape, dtype=torch.float64),
+                                     torch.randint(0, 10, (shape[0],)))
+
+
 def test_a_result_s_errors_survive_later_batches_and_its_memory_is_reused_once_dropped():
     """The fast backend hands each result its final error buffer; the next batch takes that
     memory back only when nothing refers to it any more (no result, no view)."""

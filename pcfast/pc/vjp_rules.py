@@ -139,6 +139,25 @@ def _bn_train(bn: nn.Module) -> bool:
     return bn.training or bn.running_mean is None
 
 
+# The autograd nodes of training BatchNorm on the CPU whose saved ``result1``/``result2`` are
+# the batch mean and inverse standard deviation (as aten's native_batch_norm returns them).
+_CPU_BN_NODES = ("NativeBatchNormBackward0", "BatchNormWithUpdateBackward0")
+
+
+def batch_stats(y: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``mean`` and ``invstd`` of training BN ``y = bn(z)``: on the CPU the ones its
+    autograd node saved for the backward (no second pass over ``z``, which costs as much as
+    the BN itself there), else computed again by :func:`bn_saved_stats`."""
+    fn = y.grad_fn
+    if z.device.type == "cpu" and type(fn).__name__ in _CPU_BN_NODES:
+        mean, invstd = getattr(fn, "_saved_result1", None), getattr(fn, "_saved_result2", None)
+        c = (z.shape[1],)
+        if (isinstance(mean, torch.Tensor) and isinstance(invstd, torch.Tensor)
+                and mean.shape == c and invstd.shape == c):
+            return mean.detach(), invstd.detach()
+    return bn_saved_stats(z, eps)
+
+
 def _bn_backward(g: torch.Tensor, s: dict, train: bool, eps: float) -> torch.Tensor:
     z = s["z"]
     weight = s.get("weight")
@@ -238,7 +257,7 @@ def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tens
         if module.weight is not None:
             s["weight"] = module.weight.detach()
         if train:
-            s["mean"], s["invstd"] = bn_saved_stats(xd, module.eps)
+            s["mean"], s["invstd"] = batch_stats(y, xd, module.eps)
         else:
             scale = torch.rsqrt(module.running_var.detach() + module.eps)
             if module.weight is not None:
@@ -307,9 +326,10 @@ def _dw_bn_relu_step(conv: DualPathDWConv, bn: nn.BatchNorm2d, relu: nn.ReLU,
     """``ReLU(BN_train(dwconv(x)))`` as ONE VJP step (:func:`~pcfast.ops.dw_bn_relu_vjp`), with
     the ReLU mask and the batch statistics derived once here."""
     z = conv(x)
-    out = relu(bn(z))
+    y = bn(z)
+    out = relu(y)
     zd = z.detach()
-    mean, invstd = bn_saved_stats(zd, bn.eps)
+    mean, invstd = batch_stats(y, zd, bn.eps)
     s = {"z": zd, "dead": out.detach() <= 0, "mean": mean, "invstd": invstd,
          "w": conv.weight.detach()}
     if bn.weight is not None:
@@ -331,9 +351,10 @@ def _dw_bn_relu_step(conv: DualPathDWConv, bn: nn.BatchNorm2d, relu: nn.ReLU,
 
 def _bn_relu_step(bn: nn.BatchNorm2d, relu: nn.ReLU, z: torch.Tensor,
                   kernels: str) -> tuple[torch.Tensor, _Step]:
-    out = relu(bn(z))
+    y = bn(z)
+    out = relu(y)
     zd, outd = z.detach(), out.detach()
-    mean, invstd = bn_saved_stats(zd, bn.eps)
+    mean, invstd = batch_stats(y, zd, bn.eps)
     s = {"z": zd, "out": outd, "mean": mean, "invstd": invstd}
     if bn.weight is not None:
         s["gamma"] = bn.weight.detach()
