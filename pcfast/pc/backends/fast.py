@@ -60,8 +60,11 @@ def sole_owner(t: torch.Tensor) -> bool:
     count = getattr(torch._C, "_storage_Use_Count", None)
     if count is None:
         return False
-    storage = t.untyped_storage()  # holds a reference of its own while it lives
-    return count(storage._cdata) == 2
+    # Compared with what a tensor alone on its memory shows when asked the same way (the
+    # storage objects, kept alive here, may hold references of their own).
+    probe = torch.empty(1)
+    probe_storage, storage = probe.untyped_storage(), t.untyped_storage()
+    return count(storage._cdata) == count(probe_storage._cdata)
 
 
 def _triton_error_types() -> tuple[type[BaseException], ...]:
