@@ -145,7 +145,7 @@ class FastBackend(PCBackend):
 
     def prefers(self, x: torch.Tensor, settings: PCSettings) -> bool:
         """CUDA batches; on the CPU strict PC and ePC too, which run faster here than on the
-        reference in every case measured (``bench/mlp_task.py``: MLP strict 2.0x, ePC 1.3x;
+        reference in every case measured (``bench/mlp_task.py``: MLP strict 1.6x, ePC 1.3x;
         ``bench/backends_ab.py``: resnet20 strict 1.15-1.26x, ePC 1.04x), while CPU FPA stays
         on the reference: faster here on conv nets (Res-DualNet 1.39x, resnet20 1.12x), slower
         on small ones (the MLP of ``bench/mlp_task.py``), so ``backend="fast"`` is the choice
