@@ -124,6 +124,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         ctx = init_distributed("cpu")
         results = {name: run_case(name, rank, world, ctx) for name in CASES}
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # leave together (a Gloo rank leaving early can abort at exit)
     finally:
         dist.destroy_process_group()
 
@@ -295,6 +296,7 @@ def _diverging_worker(rank: int, world: int, port: int, out: str) -> None:
         except TrainingDiverged as exc:
             message = str(exc)
         (Path(out) / f"rank{rank}.txt").write_text(message)
+        dist.barrier()  # leave together (a Gloo rank leaving early can abort at exit)
     finally:
         dist.destroy_process_group()
 
