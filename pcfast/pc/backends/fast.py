@@ -14,8 +14,13 @@ Same math as the reference backend, organised for speed:
   contributions, clamp, lerp, written into the other buffer): no zero fill, no ``add_``, no
   flat re-read, no energy reduction unless a trace is recorded. Res-DualNet: 38 ops per jacobi
   step (``bench/cost.py``);
+- the first jacobi step starts from the zero state (x = mu), where every hidden sender's VJP
+  is zero: it is one VJP of the output error and a fill, and the start buffer is never read;
 - the sequential schedule is the same sweep with each node's VJP reading its freshly updated
   error;
+- the result keeps the final buffer; the next batch takes it back once nothing refers to it
+  (on the CPU a fresh buffer of this size costs page faults every batch);
+- BatchNorm rules take the batch statistics the BN's autograd node saved (CPU);
 - on CUDA the whole relaxation is captured once per key (shapes, dtype, T, rate, ...) in a CUDA
   graph and replayed for later batches over static buffers (:mod:`.capture`); graphs with
   autograd-fallback nodes run eagerly (autograd cannot be captured);
