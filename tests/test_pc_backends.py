@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +171,8 @@ def test_eval_mode_batchnorm_rule_equals_reference():
 
 def test_batchnorm_rules_take_the_statistics_training_bn_saved(monkeypatch):
     """On the CPU the rules of training BatchNorm reuse the batch mean and invstd that the
-    BN's autograd node saved (no second statistics pass); values equal a fresh computation."""
+    BN's autograd node saved (no second statistics pass), in the FPA feedforward pass and in
+    strict PC's and ePC's no-grad steps alike; values equal a fresh computation."""
     import pcfast.pc.vjp_rules as vr
     from pcfast.ops.bn_relu_vjp import bn_saved_stats
 
@@ -192,10 +194,11 @@ def test_batchnorm_rules_take_the_statistics_training_bn_saved(monkeypatch):
     monkeypatch.setattr(vr, "bn_saved_stats", second_pass)
     net = ResDualNet(stem_channels=3, stages=((6, 2),), blocks_per_stage=1).double()
     mlp = MLP(in_features=12, hidden=(8, 8), batchnorm=True, activation="tanh").double()  # BN alone
+    modes = ({}, {"fpa": False}, {"fpa": False, "epc": True})  # strict steps run without grad
     for model, shape in ((net, (2, 3, 8, 8)), (mlp, (3, 12))):
-        for kernels in ("auto", "torch"):
+        for kernels, mode in itertools.product(("auto", "torch"), modes):
             engine = PCEngine(model.pc_graph(), T=2, backend="fast",
-                              backend_options={"kernels": kernels})
+                              backend_options={"kernels": kernels}, **mode)
             engine.compute_gradients(torch.randn(*shape, dtype=torch.float64),
                                      torch.randint(0, 10, (shape[0],)))
 

@@ -158,6 +158,22 @@ def batch_stats(y: torch.Tensor, z: torch.Tensor, eps: float) -> tuple[torch.Ten
     return bn_saved_stats(z, eps)
 
 
+def bn_train_forward(bn: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
+    """``y = bn(z)`` for a BatchNorm in training mode, with the batch ``mean`` and ``invstd`` it
+    normalised with, from one pass on the CPU (:func:`batch_stats`). Without grad (strict PC's
+    steps) an autograd node is recorded for that alone, on a detached input, and dropped with
+    the graph: ``y`` comes back detached, as a no-grad forward would give it."""
+    if not torch.is_grad_enabled() and z.device.type == "cpu":
+        with torch.enable_grad():
+            y = bn(z.detach().requires_grad_(True))
+        mean, invstd = batch_stats(y, z, bn.eps)
+        return y.detach(), mean, invstd
+    y = bn(z)
+    mean, invstd = batch_stats(y, z.detach(), bn.eps)
+    return y, mean, invstd
+
+
 def _bn_backward(g: torch.Tensor, s: dict, train: bool, eps: float) -> torch.Tensor:
     z = s["z"]
     weight = s.get("weight")
@@ -171,7 +187,11 @@ def _bn_backward(g: torch.Tensor, s: dict, train: bool, eps: float) -> torch.Ten
 
 def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tensor, _Step]:
     """Forward one known module; return its output and its VJP step."""
-    y = module(x)
+    bn_stats = None
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and _bn_train(module):
+        y, *bn_stats = bn_train_forward(module, x)
+    else:
+        y = module(x)
     xd, yd = x.detach(), y.detach()
     name = type(module).__name__
     if isinstance(module, nn.Linear):
@@ -257,7 +277,7 @@ def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tens
         if module.weight is not None:
             s["weight"] = module.weight.detach()
         if train:
-            s["mean"], s["invstd"] = batch_stats(y, xd, module.eps)
+            s["mean"], s["invstd"] = bn_stats
         else:
             scale = torch.rsqrt(module.running_var.detach() + module.eps)
             if module.weight is not None:
@@ -326,10 +346,9 @@ def _dw_bn_relu_step(conv: DualPathDWConv, bn: nn.BatchNorm2d, relu: nn.ReLU,
     """``ReLU(BN_train(dwconv(x)))`` as ONE VJP step (:func:`~pcfast.ops.dw_bn_relu_vjp`), with
     the ReLU mask and the batch statistics derived once here."""
     z = conv(x)
-    y = bn(z)
+    y, mean, invstd = bn_train_forward(bn, z)
     out = relu(y)
     zd = z.detach()
-    mean, invstd = batch_stats(y, zd, bn.eps)
     s = {"z": zd, "dead": out.detach() <= 0, "mean": mean, "invstd": invstd,
          "w": conv.weight.detach()}
     if bn.weight is not None:
@@ -351,10 +370,9 @@ def _dw_bn_relu_step(conv: DualPathDWConv, bn: nn.BatchNorm2d, relu: nn.ReLU,
 
 def _bn_relu_step(bn: nn.BatchNorm2d, relu: nn.ReLU, z: torch.Tensor,
                   kernels: str) -> tuple[torch.Tensor, _Step]:
-    y = bn(z)
+    y, mean, invstd = bn_train_forward(bn, z)
     out = relu(y)
     zd, outd = z.detach(), out.detach()
-    mean, invstd = batch_stats(y, zd, bn.eps)
     s = {"z": zd, "out": outd, "mean": mean, "invstd": invstd}
     if bn.weight is not None:
         s["gamma"] = bn.weight.detach()
