@@ -51,7 +51,9 @@ Two counts per fast-path row: ``ops_per_step`` / ``x_bp_bytes`` count every regi
 op as one op, what a device with a fused kernel for each runs (the CPU, through ``pcfast._C``);
 ``cuda_ops_per_step`` / ``cuda_x_bp_bytes`` count the ops that CUDA runs as several launches
 (``pcfast.ops.cuda_composites()``: the depthwise VJP as its two registered Triton passes, the
-1x1 conv VJP as a matmul plus the relax op) as those launches: the figure for a GPU step.
+1x1 conv VJP as a matmul plus the relax op) as those launches, and compute BatchNorm rules'
+batch statistics again as CUDA does (the CPU takes them from the BN's forward pass): the
+figure for a GPU step.
 
 Counts are of what the CPU dispatches. On CUDA a few modules pick device-specific ops that move
 the same data (``cudnn_batch_norm`` for ``native_batch_norm``); pcfast's C++ ops count only
@@ -74,6 +76,7 @@ Writes ``bench/results/cost-<model>.json`` per model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -94,10 +97,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, environment, print_table  # noqa: E402
 from pcfast.models import build_model  # noqa: E402
-from pcfast.ops import cuda_composites  # noqa: E402
-from pcfast.pc import PCEngine, PCGraph  # noqa: E402
+from pcfast.ops import bn_saved_stats, cuda_composites  # noqa: E402
+from pcfast.pc import PCEngine, PCGraph, vjp_rules  # noqa: E402
 
 TARGET_BATCH = 256
+
+
+@contextlib.contextmanager
+def statistics_as_on_cuda():
+    """Count BatchNorm rules as CUDA runs them: the batch statistics computed again
+    (:func:`~pcfast.ops.bn_saved_stats`), where the CPU takes them from the BN's forward."""
+    saved = vjp_rules.batch_stats
+    vjp_rules.batch_stats = lambda y, z, eps: bn_saved_stats(z, eps)
+    try:
+        yield
+    finally:
+        vjp_rules.batch_stats = saved
 GIB = 1024 ** 3
 PATHS = ("reference", "fast")
 MODES = ("fpa", "strict", "epc")
@@ -433,11 +448,13 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
                                        rate=rate, kernels=kernels, mode=mode)
                           for n in batch_sizes])
         step_bytes = fit.bytes_at(TARGET_BATCH)
-        # What CUDA dispatches today: ops without a fused CUDA kernel run unfused there.
-        cuda = fit if path != "fast" else fit_linear([
-            pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k, rate=rate,
-                         kernels=kernels, expand=cuda_composites(), mode=mode)
-            for n in batch_sizes])
+        # What CUDA dispatches today: ops without a fused CUDA kernel run unfused there, and
+        # BatchNorm rules compute the batch statistics again.
+        with statistics_as_on_cuda():
+            cuda = fit if path != "fast" else fit_linear([
+                pc_step_cost(make_graph, _image_batch, n, schedule, path, k=k, rate=rate,
+                             kernels=kernels, expand=cuda_composites(), mode=mode)
+                for n in batch_sizes])
         cuda_bytes = cuda.bytes_at(TARGET_BATCH)
         rows.append({
             "model": name, "mode": mode, "schedule": schedule, "path": path,

@@ -283,3 +283,22 @@ def test_the_cuda_count_of_a_row_runs_that_row_s_mode():
     strict, fpa = rows["strict"], rows["fpa"]
     assert strict["ops_per_step"] > fpa["ops_per_step"]
     assert strict["cuda_ops_per_step"] >= strict["ops_per_step"]
+
+
+def test_a_strict_step_runs_batchnorm_once_per_layer_on_the_cpu_and_twice_counted_for_cuda():
+    """A strict step on input -> Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear: each
+    hidden BN (the one fed by the input keeps its prediction) runs once per step; the CPU takes
+    its statistics from that pass, the CUDA count computes them again."""
+    from bench.cost import statistics_as_on_cuda
+
+    def graph():
+        torch.manual_seed(0)
+        return sequential_graph([nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU()),
+                                 nn.Sequential(nn.Linear(7, 6), nn.BatchNorm1d(6), nn.ReLU()),
+                                 nn.Linear(6, 3)])
+
+    cpu = pc_step_cost(graph, _mlp_batch(5), 6, "jacobi", "fast", k=2, mode="strict")
+    with statistics_as_on_cuda():
+        cuda = pc_step_cost(graph, _mlp_batch(5), 6, "jacobi", "fast", k=2, mode="strict")
+    assert cpu.ops["aten.native_batch_norm.default"] == 1
+    assert cuda.ops["aten.native_batch_norm.default"] == 2
