@@ -262,9 +262,8 @@ class FastBackend(PCBackend):
         # faults (~100 ms per batch for Res-DualNet at batch 64, a third of a feedforward pass).
         old = self._buffers.get(key, (None, None))
         spare, self._handed = self._handed, None
-        if spare is not None and (spare.numel(), spare.dtype, spare.device) != key:
-            spare = None
-        if spare is not None and not sole_owner(spare):
+        if spare is not None and ((spare.numel(), spare.dtype, spare.device) != key
+                                  or not sole_owner(spare)):
             spare = None
         bufs = []
         for b in old:
@@ -303,11 +302,11 @@ class FastBackend(PCBackend):
             plan.append((node.name, targets, done))
         return plan
 
-    def _step_fn(self, rules, e_out, cur: dict, nxt: dict, s: PCSettings,
+    def _step_fn(self, plan, rules, e_out, cur: dict, nxt: dict, s: PCSettings,
                  momentum: StateSteps | None):
-        """One step: every sender's VJP, each hidden node relaxed by its last writer (with
-        ``momentum``, the batch's state-momentum steps instead of the fused relax)."""
-        plan = self._plan(rules)
+        """One step over ``plan`` (:meth:`_plan`): every sender's VJP, each hidden node relaxed
+        by its last writer (with ``momentum``, the batch's state-momentum steps instead of the
+        fused relax)."""
         out_name = self.graph.output
         read = nxt if s.schedule == "sequential" else cur
         rate, limit = s.rate, s.error_clamp
@@ -340,9 +339,9 @@ class FastBackend(PCBackend):
                     if momentum is None:
                         pc_relax(cur[p], pending.pop(p), rate, limit, nxt[p])
                     else:  # under FPA mu is fixed: the value step is the error step
-                        e = cur[p]
-                        g = e - clamp(summed(pending.pop(p), e.dtype), s)
-                        nxt[p].copy_(momentum.update(p, e, g))
+                        err = cur[p]
+                        g = err - clamp(summed(pending.pop(p), err.dtype), s)
+                        nxt[p].copy_(momentum.update(p, err, g))
 
         return step
 
@@ -356,11 +355,12 @@ class FastBackend(PCBackend):
         a, b = bufs
         views = (self._views(a, shapes), self._views(b, shapes))
         momentum = StateSteps(s) if s.state_momentum else None
-        steps = (self._step_fn(rules, e_out, views[0], views[1], s, momentum),
-                 self._step_fn(rules, e_out, views[1], views[0], s, momentum))
+        plan = self._plan(rules)
+        steps = (self._step_fn(plan, rules, e_out, views[0], views[1], s, momentum),
+                 self._step_fn(plan, rules, e_out, views[1], views[0], s, momentum))
         first = None
         if s.schedule == "jacobi" and momentum is None and s.T > 0:
-            first = self._first_step_fn(rules, e_out, views[0], views[1], b, s)
+            first = self._first_step_fn(plan, rules, e_out, views[0], views[1], b, s)
         zeroed = first is None
         if zeroed:
             a.zero_()
@@ -382,7 +382,7 @@ class FastBackend(PCBackend):
                 trace.append(energy(t + 1))
         return bufs[taken % 2], taken  # taken > 0 where not zeroed: no reading stops at t=0
 
-    def _first_step_fn(self, rules, e_out, cur: dict, nxt: dict, nxt_flat: torch.Tensor,
+    def _first_step_fn(self, plan, rules, e_out, cur: dict, nxt: dict, nxt_flat: torch.Tensor,
                        s: PCSettings) -> Callable[[], None]:
         """The first jacobi step from the zero state, as one VJP and a fill.
 
@@ -392,16 +392,13 @@ class FastBackend(PCBackend):
         zero. The start state is never read; only the output parents' entries are zeroed, as
         the ``e`` of their update.
         """
-        g = self.graph
-        out = g.output
-        hidden = set(g.hidden)
-        node = next(n for n in g.nodes if n.name == out)
-        targets = [(i, p) for i, p in enumerate(node.parents) if p in hidden]
+        out = self.graph.output
+        targets = next((tg for name, tg, _ in plan if name == out), [])
         rule = rules.get(out)
 
         def first() -> None:
             nxt_flat.zero_()
-            if rule is None or not targets:
+            if not targets:
                 return
             grads = rule.vjp(e_out)
             backs: dict[str, list[torch.Tensor]] = {}
