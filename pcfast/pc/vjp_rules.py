@@ -408,7 +408,9 @@ class MergeRule(Rule):
     """``ReLU(a + b)`` (both parents get the masked error) or ``ReLU(cat(a, b))`` (split)."""
 
     def __init__(self, out: torch.Tensor, split: int | None, fuse: bool = False) -> None:
-        super().__init__(("merge", split, _shape_sig(out), fuse), {"dead": out <= 0, "out": out})
+        # The fused merge kernels read the mask; the plain VJP derives it from the output.
+        saved = {"dead": out <= 0, "out": out} if fuse else {"out": out}
+        super().__init__(("merge", split, _shape_sig(out), fuse), saved)
         self.split, self.fuse = split, fuse
 
     def vjp(self, e: torch.Tensor) -> list[torch.Tensor | None]:

@@ -38,7 +38,7 @@ from pcfast.pc.backends.base import (
     make_result,
     weight_grads,
 )
-from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, summed, weighted
+from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, relax, summed, weighted
 from pcfast.pc.energy import frozen_running_stats, output_energy
 from pcfast.pc.graph import PCGraph
 from pcfast.pc.vjp_rules import Rule, has_rule, node_forward
@@ -298,7 +298,7 @@ class StrictRunner:
                     if s.state_momentum:  # dF/de = pi e - back
                         errors[name] = steps.update(name, e, weighted(name, e, s, t) - b)
                     elif _unit(name, s, t):  # e - rate (e - back) in one pass
-                        errors[name] = torch.lerp(e, b, s.rate)
+                        errors[name] = relax(e, b, s)
                     else:
                         errors[name] = e - s.rate * (weighted(name, e, s, t) - b)
             values, _ = self._epc_forward(x, errors, fixed, with_rules=False)
