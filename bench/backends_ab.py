@@ -31,25 +31,32 @@ from bench.common import environment, print_table, sync, write_result  # noqa: E
 from pcfast.models import build_model  # noqa: E402
 from pcfast.pc import PCEngine  # noqa: E402
 
-BACKENDS = ("reference", "fast")
-
-
-
+# name -> (backend, backend_options); "fast-steps" (FPA only): the fast backend taking the T
+# steps one by one instead of solving them by path length (fpa_solver, pcfast/pc/backends/fpa_levels.py)
+VARIANTS = {"reference": ("reference", None), "fast": ("fast", None),
+            "fast-steps": ("fast", {"fpa_solver": "steps"})}
 MODES = {"fpa": dict(), "strict": dict(fpa=False), "epc": dict(fpa=False, epc=True)}
+
+
+def variants(mode: str) -> list[str]:
+    """The rows for ``mode``: reference and fast; under FPA also the stepped fast solver."""
+    return list(VARIANTS) if mode == "fpa" else ["reference", "fast"]
 
 
 def time_ab(model_name: str, T: int, x: torch.Tensor, y: torch.Tensor, repeats: int,
             mode: str = "fpa", schedule: str = "jacobi", rate: float = 0.5
             ) -> dict[str, list[float]]:
-    """Seconds per ``compute_gradients`` call for each backend, calls alternating."""
+    """Seconds per ``compute_gradients`` call for each variant (:func:`variants`), calls
+    alternating."""
     engines = {}
-    for backend in BACKENDS:
+    for name in variants(mode):
+        backend, options = VARIANTS[name]
         torch.manual_seed(0)
         net = build_model(model_name).to(x.device).train()
-        engines[backend] = PCEngine(net.pc_graph(), T=T, rate=rate, schedule=schedule,
-                                    backend=backend, **MODES[mode])
-        engines[backend].compute_gradients(x, y)  # warm-up (and capture on CUDA)
-    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+        engines[name] = PCEngine(net.pc_graph(), T=T, rate=rate, schedule=schedule,
+                                 backend=backend, backend_options=options, **MODES[mode])
+        engines[name].compute_gradients(x, y)  # warm-up (and capture on CUDA)
+    times: dict[str, list[float]] = {b: [] for b in engines}
     for _ in range(repeats):
         for backend, engine in engines.items():
             sync(x.device)
@@ -81,13 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     at_t = time_ab(args.model, args.T, x, y, args.repeats, **kw)
     at_0 = time_ab(args.model, 0, x, y, args.repeats, **kw)
     rows = []
-    for backend in BACKENDS:
+    for backend in variants(args.mode):
         best, med = min(at_t[backend]), sorted(at_t[backend])[len(at_t[backend]) // 2]
         best0 = min(at_0[backend])
         rows.append({"backend": backend, "best_s": best, "median_s": med, "best_T0_s": best0,
                      "step_ms": 1e3 * max(best - best0, 0.0) / max(args.T, 1),
                      "calls_s": at_t[backend], "calls_T0_s": at_0[backend]})
-    ref, fast = rows
+    ref = rows[0]
     for r in rows:
         r["speedup_vs_reference"] = ref["best_s"] / r["best_s"]
         r["step_speedup_vs_reference"] = (ref["step_ms"] / r["step_ms"] if r["step_ms"] > 0

@@ -42,6 +42,12 @@ allocation) cancels too. BP training step = forward + mean cross-entropy + backw
 ``torch.optim.Adam(foreach=True)`` step (the multi-tensor Adam that CUDA uses by default),
 counted after one warm-up step (Adam's state exists, as in training).
 
+Whole FPA relaxations (``--relax-T``, the ``relaxation`` rows of the JSON): ``count(T) -
+count(T=0)`` on the fast path (the T=0 run's zero fill of the errors not subtracted), once
+stepped (``fpa_solver="steps"``) and once solved by path length (``fpa_solver="levels"``,
+``pcfast/pc/backends/fpa_levels.py``), whose cost does not grow with T once T exceeds the net's
+depth: what a batch's inference costs, beside one BP step.
+
 Batch scaling: counts are taken at small batches on the CPU in float32 and fitted as
 ``bytes = a + b * N`` (``a``: weights, batch independent; ``b``: per sample) from the smallest
 and largest batch size; every further batch size must agree with the fit (``--batch-sizes 4 8 6``
@@ -298,7 +304,8 @@ def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], 
     counts = []
     for T in (k + 1, 1):
         graph = make_graph()
-        options = {"kernels": kernels} if path == "fast" else None
+        # A step is a step of the stepped FPA relaxation (the path-length solver takes none).
+        options = {"kernels": kernels, "fpa_solver": "steps"} if path == "fast" else None
         engine = PCEngine(graph, T=T, rate=rate, schedule=schedule, backend=path,
                           backend_options=options, fpa=mode == "fpa", epc=mode == "epc")
         x, y = make_batch(batch)
@@ -306,6 +313,33 @@ def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], 
             p.grad = None
         counts.append(count_ops(lambda e=engine, x=x, y=y: e.compute_gradients(x, y), expand))
     return _difference(counts[0], counts[1], k, batch)
+
+
+ZERO_FILLS = ("aten.zero_.default",)
+
+
+def relaxation_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], tuple],
+                    batch: int, schedule: str, T: int, solver: str, rate: float = 0.5,
+                    kernels: str = "auto",
+                    expand: Mapping[str, Callable[..., Any]] | None = None) -> StepCost:
+    """Cost of a whole FPA relaxation of ``T`` steps on the fast path: ``count(T) - count(T=0)``
+    of ``compute_gradients`` with ``fpa_solver=solver`` (``"steps"`` or ``"levels"``) at ``T``
+    and the stepped solver at ``T=0`` without its zero fill of the errors (what a relaxation of
+    no steps comes to): the feedforward pass, output error and weight gradients cancel."""
+    counts = []
+    for t, how in ((T, solver), (0, "steps")):
+        graph = make_graph()
+        engine = PCEngine(graph, T=t, rate=rate, schedule=schedule, backend="fast",
+                          backend_options={"kernels": kernels, "fpa_solver": how})
+        x, y = make_batch(batch)
+        for p in graph.parameters():
+            p.grad = None
+        counts.append(count_ops(lambda e=engine, x=x, y=y: e.compute_gradients(x, y), expand))
+    base = counts[1]
+    for name in ZERO_FILLS:  # T=0 relaxes to zero errors: that fill is a relaxation's own work
+        base.ops.pop(name, None)
+        base.bytes.pop(name, None)
+    return _difference(counts[0], base, 1, batch)
 
 
 def bp_step_cost(make_model: Callable[[], torch.nn.Module], make_batch: Callable[[int], tuple],
@@ -432,8 +466,10 @@ def run_combinations(modes: Sequence[str], schedules: Sequence[str],
 
 def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
                   batch_sizes: Sequence[int], k: int, rate: float,
-                  kernels: str, modes: Sequence[str] = ("fpa",)) -> dict[str, Any]:
-    """Every (mode, schedule, path) row for one model, plus the BP step; the JSON payload."""
+                  kernels: str, modes: Sequence[str] = ("fpa",),
+                  relax_T: Sequence[int] = ()) -> dict[str, Any]:
+    """Every (mode, schedule, path) row for one model, plus the BP step, plus (FPA on the fast
+    path) whole relaxations of each ``relax_T`` steps by both solvers; the JSON payload."""
     make_model = _model_factory(name)
 
     def make_graph() -> PCGraph:
@@ -467,6 +503,18 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
             "custom_ops": _custom_ops(fit.by_op),
             "by_op": fit.by_op,
         })
+    relaxation = []
+    for schedule in schedules if "fpa" in modes and "fast" in paths else ():
+        for T in relax_T:
+            for solver in ("steps", "levels"):
+                fit = fit_linear([relaxation_cost(make_graph, _image_batch, n, schedule, T,
+                                                  solver, rate=rate, kernels=kernels)
+                                  for n in batch_sizes])
+                total = fit.bytes_at(TARGET_BATCH)
+                relaxation.append({
+                    "model": name, "schedule": schedule, "T": T, "solver": solver,
+                    "ops": fit.ops, "GiB": total / GIB, "x_bp_bytes": total / bp_bytes,
+                    "bp_GiB": bp_bytes / GIB, "by_op": fit.by_op})
     graph = make_graph()
     return {
         "model": name,
@@ -475,11 +523,12 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
                    "schedules": list(schedules),
                    "paths": list(paths), "fast_kernels": kernels,
                    "bp_optimizer": "Adam(foreach=True)", "bp_loss": "cross_entropy(mean)",
-                   "input": "3x32x32", "hidden_nodes": len(graph.hidden),
+                   "relax_T": list(relax_T), "input": "3x32x32", "hidden_nodes": len(graph.hidden),
                    "depth": graph.depth},
         "bp": {"ops": bp.ops, "GiB": bp_bytes / GIB, "bytes_a": bp.a, "bytes_per_sample": bp.b,
                "by_op": bp.by_op},
         "rows": rows,
+        "relaxation": relaxation,
         "pcfast_C": _extension_status(),
         "uncommitted_changes": _uncommitted(),
         "count_seconds": time.perf_counter() - t0,
@@ -488,6 +537,8 @@ def measure_model(name: str, schedules: Sequence[str], paths: Sequence[str],
 
 COLUMNS = ("model", "mode", "schedule", "path", "ops_per_step", "GiB_per_step", "x_bp_bytes",
            "cuda_ops_per_step", "cuda_x_bp_bytes", "bp_ops", "bp_GiB")
+
+RELAX_COLUMNS = ("model", "schedule", "T", "solver", "ops", "GiB", "x_bp_bytes", "bp_GiB")
 
 
 def check_rows(rows: Sequence[dict[str, Any]], max_ratio: float | None, max_ops: float | None,
@@ -527,6 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="largest inference-step bytes / BP-step bytes allowed by --check")
     ap.add_argument("--max-ops", type=float, default=None,
                     help="largest ops per inference step allowed by --check")
+    ap.add_argument("--relax-T", nargs="*", type=int, default=[10, 100],
+                    help="FPA on the fast path: also count whole relaxations of these many steps "
+                         "by both solvers (stepped, and by path length)")
     ap.add_argument("--no-write", action="store_true", help="print only; write no JSON")
     args = ap.parse_args(argv)
     if args.check and args.max_ratio is None and args.max_ops is None:
@@ -536,14 +590,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     env = environment("cpu")
-    all_rows = []
+    all_rows, relax_rows = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("once")
         for name in args.models:
             payload = measure_model(name, args.schedules, args.paths, args.batch_sizes, args.k,
-                                    args.rate, args.kernels, args.modes)
+                                    args.rate, args.kernels, args.modes, args.relax_T)
             payload["environment"] = env
             all_rows += payload["rows"]
+            relax_rows += payload["relaxation"]
             if not args.no_write:
                 RESULTS_DIR.mkdir(parents=True, exist_ok=True)
                 path = RESULTS_DIR / f"cost-{name}.json"
@@ -554,6 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"ops and bytes dispatched, bytes at batch {TARGET_BATCH} fp32; commit "
           f"{env['commit'][:10]}, torch {env['torch']}")
     print_table(all_rows, COLUMNS)
+    if relax_rows:
+        print("\n# whole FPA relaxations of T steps on the fast path, stepped and solved by path "
+              "length (fpa_solver), vs one BP training step")
+        print_table(relax_rows, RELAX_COLUMNS)
     if args.check:
         bad = check_rows(all_rows, args.max_ratio, args.max_ops, args.check_paths)
         for line in bad:
@@ -569,4 +628,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["Count", "Fit", "OpCounter", "StepCost", "bp_step_cost", "check_rows", "count_ops",
-           "excluded_reason", "fit_linear", "op_bytes", "pc_step_cost", "tensor_bytes"]
+           "excluded_reason", "fit_linear", "op_bytes", "pc_step_cost", "relaxation_cost", "tensor_bytes"]

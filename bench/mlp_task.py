@@ -14,7 +14,9 @@ Rows (all in one run, same device, same initial weights, same batches):
 ``pcfast-strict-reference``  ``PCEngine(fpa=False, backend="reference")``: strict PC
 ``pcfast-strict-fast``       ``PCEngine(fpa=False, backend="fast")``: strict PC on explicit
                              VJP rules
-``pcfast-fpa-fast``          ``PCEngine(fpa=True, backend="fast")``
+``pcfast-fpa-fast``          ``PCEngine(fpa=True, backend="fast")``: the T steps solved by
+                             path length (``fpa_solver="auto"``: one VJP per layer, whatever T)
+``pcfast-fpa-fast-steps``    the same taking the T steps (``fpa_solver="steps"``)
 ``pcfast-fpa-reference``     ``PCEngine(fpa=True, backend="reference")``
 ``hand-strict-eager``        :func:`hand_strict_grads`, closed-form gradients, eager
 ``hand-strict-compile``      the same under ``torch.compile`` (the reason is recorded if it
@@ -73,7 +75,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, print_table, write_result  # noqa: E402
 from pcfast.pc import PCEngine, sequential_graph  # noqa: E402
 
-ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-fast", "pcfast-fpa-reference",
+ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-fast", "pcfast-fpa-fast-steps",
+        "pcfast-fpa-reference",
         "pcfast-ipc-reference", "pcfast-ipc-fast", "pcfast-epc-reference", "pcfast-epc-fast",
         "hand-strict-eager",
         "hand-strict-compile", "hand-fpa-eager", "hand-fpa-compile", "hand-ipc-eager",
@@ -281,11 +284,11 @@ class EngineLoop:
     """One training step of pcfast: ``PCEngine.step`` (relax, local gradients, Adam)."""
 
     def __init__(self, layers: Sequence[nn.Module], math_: str, backend: str, T: int,
-                 rate: float, lr: float) -> None:
+                 rate: float, lr: float, options: dict | None = None) -> None:
         graph = sequential_graph(list(layers), [f"fc{i}" for i in range(len(layers))])
         self.engine = PCEngine(graph, T=T, rate=rate, schedule="jacobi", fpa=math_ == "fpa",
                                ipc=math_ == "ipc", epc=math_ == "epc", output_loss="mse",
-                               backend=backend)
+                               backend=backend, backend_options=options)
         self.optimizer = torch.optim.Adam(graph.parameters(), lr=lr)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -302,6 +305,9 @@ def row_math(row: str) -> str:
 def build_row(row: str, layers: Sequence[nn.Module], T: int, rate: float, lr: float):
     if row.startswith("hand-"):
         return HandLoop(layers, row_math(row), T, rate, lr, compile_=row.endswith("compile"))
+    if row.endswith("-steps"):  # the fast backend taking FPA's T steps one by one
+        return EngineLoop(layers, row_math(row), backend="fast", T=T, rate=rate, lr=lr,
+                          options={"fpa_solver": "steps"})
     return EngineLoop(layers, row_math(row), backend=row.rsplit("-", 1)[1], T=T, rate=rate,
                       lr=lr)
 

@@ -50,8 +50,11 @@ def test_inference_stops_where_the_energy_settles(mode, schedule, tol, every, ba
     if steps >= 2 * every:
         assert change(steps - every) > tol
     stopped = _grads(graph)
+    # The same solver (a fixed T would otherwise take the FPA path-length solver: equal up
+    # to rounding, tests/test_fpa_levels.py).
+    options = {"fpa_solver": "steps"} if backend == "fast" else None
     PCEngine(graph, T=steps, rate=0.1, schedule=schedule, backend=backend,
-             **MODES[mode]).compute_gradients(x, y)
+             backend_options=options, **MODES[mode]).compute_gradients(x, y)
     for a, b in zip(stopped, _grads(graph)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     if backend == "fast":  # and the reference stops at the same step with the same gradients

@@ -26,6 +26,7 @@ from bench.cost import (  # noqa: E402
     fit_linear,
     main,
     pc_step_cost,
+    relaxation_cost,
 )
 
 F32 = 4
@@ -302,3 +303,21 @@ def test_a_strict_step_runs_batchnorm_once_per_layer_on_the_cpu_and_twice_counte
         cuda = pc_step_cost(graph, _mlp_batch(5), 6, "jacobi", "fast", k=2, mode="strict")
     assert cpu.ops["aten.native_batch_norm.default"] == 1
     assert cuda.ops["aten.native_batch_norm.default"] == 2
+
+
+def test_a_levels_relaxation_of_a_linear_chain_is_one_mm_per_sender_and_a_scale_each():
+    """Graph input -> Linear(5, 7) -> Linear(7, 4) -> Linear(4, 3) (output). By path length
+    each hidden node has one path to the output, so a jacobi relaxation of T >= 2 steps is one
+    ``mm`` per sender (output: e2 W2, layer1: u1 W1) and one ``mul`` by C_k(T) per hidden node,
+    whatever T; stepped it grows by two ``mm`` a step."""
+    n = 4
+    make_graph, make_batch = _mlp_graph((5, 7, 4, 3)), _mlp_batch(5)
+    short, long = (relaxation_cost(make_graph, make_batch, n, "jacobi", T, "levels")
+                   for T in (3, 30))
+    assert short.ops == long.ops == {"aten.mm.default": 2, "aten.mul.out": 2}
+    # mm(e (n x 3), W2 (3 x 4)) -> n x 4; mm(u (n x 4), W1 (4 x 7)) -> n x 7; two scalings
+    mm = (n * 3 + 12 + n * 4) + (n * 4 + 28 + n * 7)
+    assert long.bytes["aten.mm.default"] == mm * F32
+    assert long.bytes["aten.mul.out"] == 2 * (n * 4 + n * 7) * F32
+    stepped = [relaxation_cost(make_graph, make_batch, n, "jacobi", T, "steps") for T in (3, 30)]
+    assert stepped[1].ops["aten.mm.default"] - stepped[0].ops["aten.mm.default"] == 2 * 27

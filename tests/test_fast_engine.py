@@ -66,7 +66,7 @@ def _batch(model_name: str, n: int = 4):
 
 def _pair(model, **kw):
     ref_model, fast_model = copy.deepcopy(model), copy.deepcopy(model)
-    options = {"kernels": kw.pop("kernels", "torch")}
+    options = {"kernels": kw.pop("kernels", "torch"), "fpa_solver": kw.pop("solver", "steps")}
     ref = PCEngine(ref_model.pc_graph(), **kw)
     fast = PCEngine(fast_model.pc_graph(), backend="fast", backend_options=options, **kw)
     return (ref_model, ref), (fast_model, fast)
@@ -173,13 +173,14 @@ def test_energy_trace_and_mse_match():
 
 
 def test_strict_pc_runs_on_the_fast_backend_and_auto_picks_it_on_cpu():
-    """On the CPU ``auto`` runs strict PC and ePC on the fast backend, FPA on the reference."""
+    """On the CPU ``auto`` runs strict PC, ePC and FPA solved by path length on the fast
+    backend, stepped FPA (an error clamp) on the reference."""
     graph = _mlp().pc_graph()
     engine = FastPCEngine(graph, T=2, fpa=False)
     engine.compute_gradients(*_batch("mlp"))
     assert engine.last_backend == "fast"
-    for kw, want in ((dict(), "reference"), (dict(fpa=False), "fast"),
-                     (dict(fpa=False, epc=True), "fast")):
+    for kw, want in ((dict(), "fast"), (dict(error_clamp=1.0), "reference"),
+                     (dict(fpa=False), "fast"), (dict(fpa=False, epc=True), "fast")):
         engine = PCEngine(graph, T=2, backend="auto", **kw)
         engine.compute_gradients(*_batch("mlp"))
         assert engine.last_backend == want, kw
@@ -283,7 +284,8 @@ def test_auto_falls_back_on_a_kernel_failure_and_keeps_the_users_grads(monkeypat
         p.grad = b.clone()
     monkeypatch.setattr(FastBackend, "prefers", lambda self, x, settings: True)  # auto picks fast on CPU
     monkeypatch.setattr(fast_backend, "pc_relax", _failing_relax(failure))
-    engine = PCEngine(net.pc_graph(), T=4, backend="auto", backend_options={"kernels": "torch"})
+    engine = PCEngine(net.pc_graph(), T=4, backend="auto",
+                      backend_options={"kernels": "torch", "fpa_solver": "steps"})
     with pytest.warns(RuntimeWarning, match=cause):
         engine.compute_gradients(x, y)
     assert engine.last_backend == "reference"
@@ -300,7 +302,8 @@ def test_auto_falls_back_on_a_kernel_failure_and_keeps_the_users_grads(monkeypat
 def test_auto_lets_programming_errors_propagate(monkeypatch):
     monkeypatch.setattr(FastBackend, "prefers", lambda self, x, settings: True)
     monkeypatch.setattr(fast_backend, "pc_relax", _failing_relax(TypeError("a bug")))
-    engine = PCEngine(_MLP().double().pc_graph(), T=2, backend="auto")
+    engine = PCEngine(_MLP().double().pc_graph(), T=2, backend="auto",
+                      backend_options={"fpa_solver": "steps"})
     with pytest.raises(TypeError, match="a bug"):
         engine.compute_gradients(*_batch("mlp"))
 
@@ -335,6 +338,7 @@ def test_reference_backend_takes_no_options():
 def test_explicit_fast_backend_raises_its_errors(monkeypatch):
     monkeypatch.setattr(fast_backend, "pc_relax",
                         _failing_relax(BackendUnavailable("simulated kernel failure")))
-    engine = PCEngine(_MLP().double().pc_graph(), T=2, backend="fast")
+    engine = PCEngine(_MLP().double().pc_graph(), T=2, backend="fast",
+                      backend_options={"fpa_solver": "steps"})
     with pytest.raises(RuntimeError, match="simulated"):
         engine.compute_gradients(*_batch("mlp"))

@@ -116,8 +116,9 @@ def test_fast_equals_reference_on_the_zoo_in_float64(key, schedule):
     ref_net, fast_net = copy.deepcopy(net), copy.deepcopy(net)
     kw = dict(T=4, rate=0.5, schedule=schedule, error_clamp=0.5 if schedule == "jacobi" else None)
     ref = PCEngine(ref_net.pc_graph(), backend="reference", **kw)
-    fast = PCEngine(fast_net.pc_graph(), backend="fast", backend_options={"kernels": "torch"},
-                    **kw)
+    # The stepped FPA solver (the path-length one: tests/test_fpa_levels.py).
+    fast = PCEngine(fast_net.pc_graph(), backend="fast",
+                    backend_options={"kernels": "torch", "fpa_solver": "steps"}, **kw)
     opt_r = torch.optim.Adam(ref_net.parameters(), lr=0.01)
     opt_f = torch.optim.Adam(fast_net.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(1)

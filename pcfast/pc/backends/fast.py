@@ -18,6 +18,9 @@ Same math as the reference backend, organised for speed:
   is zero: it is one VJP of the output error and a fill, and the start buffer is never read;
 - the sequential schedule is the same sweep with each node's VJP reading its freshly updated
   error;
+- where the relaxation is plain FPA (no clamp, ``tol`` or energy trace), ``fpa_solver="auto"``
+  solves the T steps by path length instead (:mod:`.fpa_levels`): one VJP per node and path
+  length, whatever T, where that costs less than stepping;
 - the result keeps the final buffer; the next batch takes it back once nothing refers to it
   (on the CPU a fresh buffer of this size costs page faults every batch);
 - BatchNorm rules take the batch statistics the BN's autograd node saved (CPU);
@@ -51,12 +54,15 @@ from pcfast.pc.backends.base import (
 )
 from pcfast.pc.backends.capture import CaptureCache, CudaGraphRelaxation
 from pcfast.pc.backends.fast_strict import StrictRunner
+from pcfast.pc.backends.fpa_levels import applies as levels_apply
+from pcfast.pc.backends.fpa_levels import relax_by_levels, solver_costs
 from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, summed
 from pcfast.pc.energy import output_energy, output_error
 from pcfast.pc.graph import PCGraph
 from pcfast.pc.vjp_rules import KERNELS, Rule, node_forward
 
-OPTIONS = ("kernels", "cuda_graph", "autocast")
+OPTIONS = ("kernels", "cuda_graph", "autocast", "fpa_solver")
+FPA_SOLVERS = ("auto", "levels", "steps")
 
 
 def sole_owner(t: torch.Tensor) -> bool:
@@ -103,6 +109,11 @@ class FastBackend(PCBackend):
             ``record_energy`` asks for a per-step trace, and for graphs with autograd-fallback
             nodes).
         autocast: run the feedforward pass under bfloat16 autocast.
+        fpa_solver: how FPA inference runs: ``"levels"`` solves the ``T`` linear steps by path
+            length (:mod:`.fpa_levels`: one VJP per node and path length instead of one per
+            node and step; not with ``error_clamp``, ``tol`` or ``record_energy``, which step),
+            ``"steps"`` takes the ``T`` steps, ``"auto"`` (default) takes levels wherever they
+            apply and cost less (:func:`~.fpa_levels.solver_costs`).
 
     Example::
 
@@ -113,8 +124,11 @@ class FastBackend(PCBackend):
     name = "fast"
 
     def __init__(self, graph: PCGraph, kernels: str = "auto", cuda_graph: bool = True,
-                 autocast: bool = False) -> None:
+                 autocast: bool = False, fpa_solver: str = "auto") -> None:
         super().__init__(graph)
+        if fpa_solver not in FPA_SOLVERS:
+            raise ValueError(f"backend_options: fpa_solver must be one of {FPA_SOLVERS}, got "
+                             f"{fpa_solver!r}")
         if kernels not in KERNELS:
             raise ValueError(f"backend_options: kernels must be one of {KERNELS}, got {kernels!r}")
         if not isinstance(cuda_graph, bool) or not isinstance(autocast, bool):
@@ -123,6 +137,7 @@ class FastBackend(PCBackend):
         self.kernels = kernels
         self.cuda_graph = cuda_graph
         self.autocast = autocast
+        self.fpa_solver = fpa_solver
         self.captures = CaptureCache()
         self._strict = StrictRunner(graph, kernels)
         self._buffers: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
@@ -151,11 +166,13 @@ class FastBackend(PCBackend):
     def prefers(self, x: torch.Tensor, settings: PCSettings) -> bool:
         """CUDA batches; on the CPU strict PC and ePC too, which run faster here than on the
         reference in every case measured (``bench/mlp_task.py``: MLP strict 1.6x, ePC 1.3x;
-        ``bench/backends_ab.py``: resnet20 strict 1.15-1.26x, ePC 1.04x), while CPU FPA stays
-        on the reference: faster here on conv nets (Res-DualNet 1.39x, resnet20 1.12x), slower
-        on small ones (the MLP of ``bench/mlp_task.py``), so ``backend="fast"`` is the choice
-        to make by hand there."""
-        return x.is_cuda or not settings.fpa
+        ``bench/backends_ab.py``: resnet20 strict 1.15-1.26x, ePC 1.04x), and FPA where the
+        path-length solver applies (Res-DualNet, batch 64, T=10: 4.7x; the MLP of
+        ``bench/mlp_task.py``: 2.6x). Stepped CPU FPA (error clamps, ``tol``, energy traces)
+        stays on the reference: faster here on conv nets (Res-DualNet 1.3-1.4x), slower on
+        small ones."""
+        return x.is_cuda or not settings.fpa or (self.fpa_solver != "steps"
+                                                 and levels_apply(settings))
 
     # -------------------------------------------------------------------------- a batch
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor,
@@ -353,9 +370,12 @@ class FastBackend(PCBackend):
         # takes its first step from that zero state without reading it (``_first_step_fn``),
         # so the start buffer is zeroed only where it is read.
         a, b = bufs
+        plan = self._plan(rules)
+        if self.by_levels(plan, s):
+            relax_by_levels(plan, rules, self.graph.output, e_out, self._views(a, shapes), s)
+            return a, s.T
         views = (self._views(a, shapes), self._views(b, shapes))
         momentum = StateSteps(s) if s.state_momentum else None
-        plan = self._plan(rules)
         steps = (self._step_fn(plan, rules, e_out, views[0], views[1], s, momentum),
                  self._step_fn(plan, rules, e_out, views[1], views[0], s, momentum))
         first = None
@@ -381,6 +401,22 @@ class FastBackend(PCBackend):
             if s.record_energy:
                 trace.append(energy(t + 1))
         return bufs[taken % 2], taken  # taken > 0 where not zeroed: no reading stops at t=0
+
+    def by_levels(self, plan, s: PCSettings) -> bool:
+        """Whether this relaxation is solved by path length (``fpa_solver``, :mod:`.fpa_levels`)."""
+        if self.fpa_solver == "steps":
+            return False
+        if not levels_apply(s):
+            if self.fpa_solver == "levels":
+                raise ValueError(
+                    "fpa_solver='levels' solves plain FPA relaxations only: error_clamp, tol "
+                    "and record_energy need the stepped one (fpa_solver='steps', or 'auto' to "
+                    "take levels where they apply)")
+            return False
+        if self.fpa_solver == "levels":
+            return True
+        levels, stepped = solver_costs(plan, self.graph.output, s)
+        return levels < stepped
 
     def _first_step_fn(self, plan, rules, e_out, cur: dict, nxt: dict, nxt_flat: torch.Tensor,
                        s: PCSettings) -> Callable[[], None]:
@@ -412,7 +448,8 @@ class FastBackend(PCBackend):
 
     def _run_graphed(self, rules, e_out, shapes, dtype, x, s: PCSettings) -> torch.Tensor:
         key = (tuple((n, r.signature) for n, r in rules.items()), tuple(e_out.shape), dtype,
-               x.device, s.T, s.rate, s.schedule, s.error_clamp, self.kernels, self.autocast)
+               x.device, s.T, s.rate, s.schedule, s.error_clamp, self.kernels, self.autocast,
+               self.fpa_solver)
 
         def build():
             # This batch's rules and buffers become the static ones the graph reads.
@@ -420,16 +457,17 @@ class FastBackend(PCBackend):
             bufs = (torch.empty(total, dtype=dtype, device=x.device),
                     torch.empty(total, dtype=dtype, device=x.device))
             static_out = e_out.clone()
+            result: dict[str, torch.Tensor] = {}
 
-            def run() -> None:
-                self._relax(rules, static_out, bufs, shapes, s, [], None)  # fixed T: no tol
+            def run() -> None:  # fixed T: no tol
+                result["final"], _ = self._relax(rules, static_out, bufs, shapes, s, [], None)
 
             try:
                 graph = CudaGraphRelaxation(run, x.device)
             except RuntimeError as exc:
                 raise BackendUnavailable(f"CUDA graph capture failed ({exc})") from exc
             return {"graph": graph, "rules": rules, "e_out": static_out,
-                    "final": bufs[s.T % 2]}
+                    "final": result["final"]}
 
         entry, fresh = self.captures.get(key, build)
         if not fresh:
