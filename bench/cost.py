@@ -301,18 +301,26 @@ def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], 
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    counts = []
-    for T in (k + 1, 1):
-        graph = make_graph()
-        # A step is a step of the stepped FPA relaxation (the path-length solver takes none).
-        options = {"kernels": kernels, "fpa_solver": "steps"} if path == "fast" else None
-        engine = PCEngine(graph, T=T, rate=rate, schedule=schedule, backend=path,
-                          backend_options=options, fpa=mode == "fpa", epc=mode == "epc")
-        x, y = make_batch(batch)
-        for p in graph.parameters():
-            p.grad = None
-        counts.append(count_ops(lambda e=engine, x=x, y=y: e.compute_gradients(x, y), expand))
+    # A step is a step of the stepped FPA relaxation (the path-length solver takes none).
+    options = {"kernels": kernels, "fpa_solver": "steps"} if path == "fast" else None
+    counts = [_count_batch(make_graph, make_batch, batch, expand, T=T, rate=rate,
+                           schedule=schedule, backend=path, backend_options=options,
+                           fpa=mode == "fpa", epc=mode == "epc")
+              for T in (k + 1, 1)]
     return _difference(counts[0], counts[1], k, batch)
+
+
+def _count_batch(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], tuple],
+                 batch: int, expand: Mapping[str, Callable[..., Any]] | None,
+                 **engine_options: Any) -> Count:
+    """The count of the first ``compute_gradients`` of a fresh ``PCEngine(**engine_options)``
+    on a fresh graph, every ``.grad`` cleared."""
+    graph = make_graph()
+    engine = PCEngine(graph, **engine_options)
+    x, y = make_batch(batch)
+    for p in graph.parameters():
+        p.grad = None
+    return count_ops(lambda: engine.compute_gradients(x, y), expand)
 
 
 ZERO_FILLS = ("aten.zero_.default",)
@@ -326,15 +334,10 @@ def relaxation_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int
     of ``compute_gradients`` with ``fpa_solver=solver`` (``"steps"`` or ``"levels"``) at ``T``
     and the stepped solver at ``T=0`` without its zero fill of the errors (what a relaxation of
     no steps comes to): the feedforward pass, output error and weight gradients cancel."""
-    counts = []
-    for t, how in ((T, solver), (0, "steps")):
-        graph = make_graph()
-        engine = PCEngine(graph, T=t, rate=rate, schedule=schedule, backend="fast",
-                          backend_options={"kernels": kernels, "fpa_solver": how})
-        x, y = make_batch(batch)
-        for p in graph.parameters():
-            p.grad = None
-        counts.append(count_ops(lambda e=engine, x=x, y=y: e.compute_gradients(x, y), expand))
+    counts = [_count_batch(make_graph, make_batch, batch, expand, T=t, rate=rate,
+                           schedule=schedule, backend="fast",
+                           backend_options={"kernels": kernels, "fpa_solver": how})
+              for t, how in ((T, solver), (0, "steps"))]
     base = counts[1]
     for name in ZERO_FILLS:  # T=0 relaxes to zero errors: that fill is a relaxation's own work
         base.ops.pop(name, None)

@@ -20,7 +20,7 @@ from pcfast.models.simple import CNN, MLP, ResCNN
 from pcfast.pc import PCEngine, vjp_rules
 from pcfast.pc.backends.base import PCSettings
 from pcfast.pc.backends.fast import FastBackend
-from pcfast.pc.backends.fpa_levels import level_coefficients, solver_costs
+from pcfast.pc.backends.fpa_levels import level_coefficients, path_lengths, solver_costs
 
 
 @pytest.mark.parametrize("T, rate", [(1, 0.5), (5, 0.3), (12, 0.5), (4, 1.0)])
@@ -136,10 +136,10 @@ def test_auto_steps_where_levels_would_cost_more():
     _, rules = backend._feedforward(x)
     plan = backend._plan(rules)
     seq = PCSettings(T=3, schedule="sequential")
-    levels, stepped = solver_costs(plan, g.output, seq)
+    levels, stepped = solver_costs(plan, path_lengths(plan, g.output, seq), g.output, seq)
     assert levels > stepped and not backend.by_levels(plan, seq)
     jac = PCSettings(T=100, schedule="jacobi")
-    levels, stepped = solver_costs(plan, g.output, jac)
+    levels, stepped = solver_costs(plan, path_lengths(plan, g.output, jac), g.output, jac)
     assert levels < stepped / 2 and backend.by_levels(plan, jac)
 
 

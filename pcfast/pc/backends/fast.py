@@ -55,7 +55,12 @@ from pcfast.pc.backends.base import (
 from pcfast.pc.backends.capture import CaptureCache, CudaGraphRelaxation
 from pcfast.pc.backends.fast_strict import StrictRunner
 from pcfast.pc.backends.fpa_levels import applies as levels_apply
-from pcfast.pc.backends.fpa_levels import relax_by_levels, solver_costs
+from pcfast.pc.backends.fpa_levels import (
+    coefficients_for,
+    path_lengths,
+    relax_by_levels,
+    solver_costs,
+)
 from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, summed
 from pcfast.pc.energy import output_energy, output_error
 from pcfast.pc.graph import PCGraph
@@ -142,6 +147,9 @@ class FastBackend(PCBackend):
         self._strict = StrictRunner(graph, kernels)
         self._buffers: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._handed: torch.Tensor | None = None  # the flat buffer the last result holds
+        # settings -> (path lengths sent, coefficients) of the path-length solver, or None
+        # where the relaxation steps: the plan is the graph's, so one entry serves every batch
+        self._levels: dict[tuple, tuple[dict, list[float]] | None] = {}
 
     @classmethod
     def from_options(cls, graph: PCGraph, options: dict | None) -> FastBackend:
@@ -167,8 +175,8 @@ class FastBackend(PCBackend):
         """CUDA batches; on the CPU strict PC and ePC too, which run faster here than on the
         reference in every case measured (``bench/mlp_task.py``: MLP strict 1.6x, ePC 1.3x;
         ``bench/backends_ab.py``: resnet20 strict 1.15-1.26x, ePC 1.04x), and FPA where the
-        path-length solver applies (Res-DualNet, batch 64, T=10: 4.7x; the MLP of
-        ``bench/mlp_task.py``: 2.6x). Stepped CPU FPA (error clamps, ``tol``, energy traces)
+        path-length solver applies (Res-DualNet, batch 64, T=10: 4.2x; the MLP of
+        ``bench/mlp_task.py``: 2.1x). Stepped CPU FPA (error clamps, ``tol``, energy traces)
         stays on the reference: faster here on conv nets (Res-DualNet 1.3-1.4x), slower on
         small ones."""
         return x.is_cuda or not settings.fpa or (self.fpa_solver != "steps"
@@ -371,8 +379,10 @@ class FastBackend(PCBackend):
         # so the start buffer is zeroed only where it is read.
         a, b = bufs
         plan = self._plan(rules)
-        if self.by_levels(plan, s):
-            relax_by_levels(plan, rules, self.graph.output, e_out, self._views(a, shapes), s)
+        solution = self._level_solution(plan, s)
+        if solution is not None:
+            relax_by_levels(plan, rules, self.graph.output, e_out, self._views(a, shapes),
+                            *solution)
             return a, s.T
         views = (self._views(a, shapes), self._views(b, shapes))
         momentum = StateSteps(s) if s.state_momentum else None
@@ -404,19 +414,27 @@ class FastBackend(PCBackend):
 
     def by_levels(self, plan, s: PCSettings) -> bool:
         """Whether this relaxation is solved by path length (``fpa_solver``, :mod:`.fpa_levels`)."""
+        return self._level_solution(plan, s) is not None
+
+    def _level_solution(self, plan, s: PCSettings) -> tuple[dict, list[float]] | None:
+        """``(path lengths sent, coefficients)`` where the path-length solver runs ``s``, else
+        None; derived once per settings."""
         if self.fpa_solver == "steps":
-            return False
+            return None
         if not levels_apply(s):
             if self.fpa_solver == "levels":
                 raise ValueError(
                     "fpa_solver='levels' solves plain FPA relaxations only: error_clamp, tol "
                     "and record_energy need the stepped one (fpa_solver='steps', or 'auto' to "
                     "take levels where they apply)")
-            return False
-        if self.fpa_solver == "levels":
-            return True
-        levels, stepped = solver_costs(plan, self.graph.output, s)
-        return levels < stepped
+            return None
+        key = (s.T, s.rate, s.schedule, s.state_momentum, s.state_nesterov)
+        if key not in self._levels:
+            sent = path_lengths(plan, self.graph.output, s)
+            levels, stepped = solver_costs(plan, sent, self.graph.output, s)
+            cheaper = self.fpa_solver == "levels" or levels < stepped
+            self._levels[key] = (sent, coefficients_for(sent, s)) if cheaper else None
+        return self._levels[key]
 
     def _first_step_fn(self, plan, rules, e_out, cur: dict, nxt: dict, nxt_flat: torch.Tensor,
                        s: PCSettings) -> Callable[[], None]:

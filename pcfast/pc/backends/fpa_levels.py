@@ -41,9 +41,9 @@ Plan = Sequence[tuple[str, Sequence[tuple[int, str]], Sequence[str]]]
 
 
 def applies(s: PCSettings) -> bool:
-    """Whether the settings keep the FPA relaxation linear and need only its final errors."""
-    return (s.fpa and not s.epc and not s.ipc and s.error_clamp is None and s.tol is None
-            and not s.record_energy and s.precision is None)
+    """Whether the settings keep the FPA relaxation linear and need only its final errors (the
+    front allows no precision, iPC or ePC with FPA)."""
+    return s.fpa and s.error_clamp is None and s.tol is None and not s.record_energy
 
 
 def level_coefficients(s: PCSettings, longest: int) -> list[float]:
@@ -80,8 +80,10 @@ def path_lengths(plan: Plan, output: str, s: PCSettings) -> dict[str, list[int]]
     return sent
 
 
-def solver_costs(plan: Plan, output: str, s: PCSettings) -> tuple[float, int]:
-    """``(levels, steps)``: the work of ``T`` steps by path length and stepped, in VJPs.
+def solver_costs(plan: Plan, sent: dict[str, list[int]], output: str,
+                 s: PCSettings) -> tuple[float, int]:
+    """``(levels, steps)``: the work of ``T`` steps by path length and stepped, in VJPs;
+    ``sent`` is :func:`path_lengths`'s.
 
     Stepped: one VJP per sender and step (each fused with its parents' updates where the rule
     has a fused form; the first jacobi step is one VJP). By path length: one VJP per sender and
@@ -89,7 +91,6 @@ def solver_costs(plan: Plan, output: str, s: PCSettings) -> tuple[float, int]:
     and writes one per term, counted as half a VJP (``bench/cost.py``'s bytes put it nearer a
     third on Res-DualNet).
     """
-    sent = path_lengths(plan, output, s)
     vjps = sum(len(v) for v in sent.values())
     terms = sum(len(v) for name, v in sent.items() if name != output)
     first = s.schedule == "jacobi" and not s.state_momentum and s.T > 0
@@ -97,12 +98,18 @@ def solver_costs(plan: Plan, output: str, s: PCSettings) -> tuple[float, int]:
     return vjps + 0.5 * terms, stepped
 
 
+def coefficients_for(sent: dict[str, list[int]], s: PCSettings) -> list[float]:
+    """:func:`level_coefficients` up to the longest path length that ``sent`` reaches."""
+    return level_coefficients(s, max((k + 1 for ks in sent.values() for k in ks), default=0))
+
+
 def relax_by_levels(plan: Plan, rules: dict, output: str, e_out: torch.Tensor,
-                    errors: dict[str, torch.Tensor], s: PCSettings) -> None:
-    """Write the FPA errors after ``s.T`` steps into ``errors`` (one tensor per hidden node, all
-    overwritten) from the VJP ``rules``; ``plan`` as the fast backend's ``_plan``."""
-    sent = path_lengths(plan, output, s)
-    coef = level_coefficients(s, max((k + 1 for ks in sent.values() for k in ks), default=0))
+                    errors: dict[str, torch.Tensor], sent: dict[str, list[int]],
+                    coef: list[float]) -> None:
+    """Write the FPA errors after ``T`` steps into ``errors`` (one tensor per hidden node, all
+    overwritten) from the VJP ``rules``; ``plan`` as the fast backend's ``_plan``, ``sent``
+    from :func:`path_lengths` and ``coef`` from :func:`coefficients_for` (both per settings,
+    not per batch)."""
     vectors: dict[str, dict[int, torch.Tensor]] = {output: {0: e_out}}
 
     def combine(name: str) -> None:
