@@ -48,25 +48,27 @@ inline acc_t relax_value(acc_t e, acc_t b, acc_t rate, bool has_clamp, acc_t cla
   return rate == acc_t(1) ? b : lerp_like_torch(e, b, rate);
 }
 
-// out[i] = relax(e[i], sum_k b_k[i]) over [begin, end); the branches on the settings are
-// hoisted out of the loop so that the loop body vectorizes.
-template <typename scalar_t, typename acc_t, bool CLAMP, bool LOW, bool ONE>
-void relax_loop(const scalar_t* ep, const scalar_t* const* bp, int nb, scalar_t* op,
-                int64_t begin, int64_t end, acc_t r, acc_t c) {
-  const scalar_t* b0 = bp[0];
-  const scalar_t* b1 = nb > 1 ? bp[1] : nullptr;
-  for (int64_t i = begin; i < end; ++i) {
+// out[i] = relax(e[i], sum_k b_k[i]) for i in [0, n). The number of summands and the settings
+// are template parameters so that the loop body has no branch and no inner loop: GCC then
+// vectorizes it (with a run-time check that out does not overlap the inputs; an exact alias
+// such as out == e takes the scalar loop, which is still correct element by element). A loop
+// over a runtime count of `backs` ran scalar at ~2.8 ns per float, 10x torch.lerp.
+template <typename scalar_t, typename acc_t, int NB, bool CLAMP, bool LOW, bool ONE>
+void relax_loop(const scalar_t* ep, const scalar_t* b0, const scalar_t* b1, const scalar_t* b2,
+                const scalar_t* b3, scalar_t* op, int64_t n, acc_t r, acc_t c) {
+  for (int64_t i = 0; i < n; ++i) {
     // Sum in e's dtype, as the reference does (b = b0 + b1 + ...).
     scalar_t bs = b0[i];
-    if (b1 != nullptr) bs = static_cast<scalar_t>(static_cast<acc_t>(bs) + static_cast<acc_t>(b1[i]));
-    for (int k = 2; k < nb; ++k) bs = static_cast<scalar_t>(static_cast<acc_t>(bs) + bp[k][i]);
+    if constexpr (NB > 1) bs = static_cast<scalar_t>(static_cast<acc_t>(bs) + static_cast<acc_t>(b1[i]));
+    if constexpr (NB > 2) bs = static_cast<scalar_t>(static_cast<acc_t>(bs) + static_cast<acc_t>(b2[i]));
+    if constexpr (NB > 3) bs = static_cast<scalar_t>(static_cast<acc_t>(bs) + static_cast<acc_t>(b3[i]));
     acc_t b = static_cast<acc_t>(bs);
-    if (CLAMP) b = std::min(std::max(b, -c), c);
+    if constexpr (CLAMP) b = std::min(std::max(b, -c), c);
     const acc_t ev = static_cast<acc_t>(ep[i]);
     acc_t v;
-    if (ONE) {
+    if constexpr (ONE) {
       v = b;
-    } else if (LOW) {
+    } else if constexpr (LOW) {
       v = ev + r * (b - ev);
     } else {
       v = b - (b - ev) * (acc_t(1) - r);
@@ -75,11 +77,15 @@ void relax_loop(const scalar_t* ep, const scalar_t* const* bp, int nb, scalar_t*
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void relax_range(const scalar_t* ep, const scalar_t* const* bp, int nb, scalar_t* op,
-                 int64_t begin, int64_t end, acc_t r, bool has_clamp, acc_t c) {
+template <typename scalar_t, typename acc_t, int NB>
+void relax_nb(const scalar_t* ep, const scalar_t* const* bp, scalar_t* op, int64_t begin,
+              int64_t end, acc_t r, bool has_clamp, acc_t c) {
   const bool one = r == acc_t(1), low = r < acc_t(0.5);
-#define PCFAST_RELAX(CL, LO, ON) relax_loop<scalar_t, acc_t, CL, LO, ON>(ep, bp, nb, op, begin, end, r, c)
+  const scalar_t* b[4] = {nullptr, nullptr, nullptr, nullptr};
+  for (int k = 0; k < NB; ++k) b[k] = bp[k] + begin;
+  const int64_t n = end - begin;
+#define PCFAST_RELAX(CL, LO, ON) \
+  relax_loop<scalar_t, acc_t, NB, CL, LO, ON>(ep + begin, b[0], b[1], b[2], b[3], op + begin, n, r, c)
   if (has_clamp) {
     if (one) PCFAST_RELAX(true, false, true);
     else if (low) PCFAST_RELAX(true, true, false);
@@ -90,6 +96,19 @@ void relax_range(const scalar_t* ep, const scalar_t* const* bp, int nb, scalar_t
     else PCFAST_RELAX(false, false, false);
   }
 #undef PCFAST_RELAX
+}
+
+// out[i] = relax(e[i], sum_k bp[k][i]) over [begin, end), 1 <= nb <= 4.
+template <typename scalar_t, typename acc_t>
+void relax_range(const scalar_t* ep, const scalar_t* const* bp, int nb, scalar_t* op,
+                 int64_t begin, int64_t end, acc_t r, bool has_clamp, acc_t c) {
+  switch (nb) {
+    case 1: relax_nb<scalar_t, acc_t, 1>(ep, bp, op, begin, end, r, has_clamp, c); break;
+    case 2: relax_nb<scalar_t, acc_t, 2>(ep, bp, op, begin, end, r, has_clamp, c); break;
+    case 3: relax_nb<scalar_t, acc_t, 3>(ep, bp, op, begin, end, r, has_clamp, c); break;
+    case 4: relax_nb<scalar_t, acc_t, 4>(ep, bp, op, begin, end, r, has_clamp, c); break;
+    default: TORCH_CHECK(false, "pcfast relax: 1 to 4 summands, got ", nb);
+  }
 }
 
 void check_same(const at::Tensor& t, const at::Tensor& like, const char* name) {
