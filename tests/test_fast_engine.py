@@ -20,7 +20,7 @@ from pcfast.pc.backends import BackendUnavailable
 from pcfast.pc.backends import fast as fast_backend
 from pcfast.pc.backends.fast import FastBackend
 from pcfast.pc.fast import FastPCEngine
-from pcfast.pc.vjp_rules import has_rule
+from pcfast.pc.vjp_rules import has_rule, squash_vjp
 
 
 def _resdualnet() -> nn.Module:
@@ -198,6 +198,23 @@ def test_bf16_autocast_runs_close_to_float32():
         assert r16.errors[k].dtype == torch.float32
         scale = e.abs().max().clamp_min(1e-3)
         assert (r16.errors[k] - e).abs().max() <= 0.1 * scale, k
+
+
+@pytest.mark.parametrize("act", [torch.tanh, torch.sigmoid])
+def test_tanh_and_sigmoid_rules_match_autograd_and_keep_the_errors_dtype(act):
+    z = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 7, dtype=torch.float64)
+    y = act(z)
+    (want,) = torch.autograd.grad(y, z, g)
+    got = squash_vjp(g, y.detach(), act is torch.tanh)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # bfloat16 predictions (autocast), float32 errors: the derivative in float32
+    y16 = y.detach().bfloat16()
+    got = squash_vjp(g.float(), y16, act is torch.tanh)
+    o = y16.float()
+    deriv = 1 - o * o if act is torch.tanh else (1 - o) * o
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, g.float() * deriv, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.gpu

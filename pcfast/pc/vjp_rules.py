@@ -109,6 +109,17 @@ def relu_vjp(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.threshold_backward(g, out, 0.0)
 
 
+def squash_vjp(g: torch.Tensor, out: torch.Tensor, tanh: bool) -> torch.Tensor:
+    """``g * tanh'`` (``tanh``) or ``g * sigmoid'`` from the output ``out``: aten's
+    ``tanh_backward`` / ``sigmoid_backward`` (what autograd runs), in ``g``'s dtype where the
+    two differ (bfloat16 predictions under autocast, float32 errors)."""
+    if g.dtype != out.dtype:
+        o = out.to(g.dtype)
+        return g * (1 - o * o) if tanh else g * ((1 - o) * o)
+    back = torch.ops.aten.tanh_backward if tanh else torch.ops.aten.sigmoid_backward
+    return back(g, out)
+
+
 def _shape_sig(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.stride(), t.dtype, t.device.type)
 
@@ -199,9 +210,12 @@ def _unary(module: nn.Module, x: torch.Tensor, kernels: str) -> tuple[torch.Tens
     if isinstance(module, nn.ReLU):
         return y, _Step((name, _shape_sig(yd)), {"out": yd}, lambda g, s: relu_vjp(g, s["out"]))
     if isinstance(module, (nn.Tanh, nn.Sigmoid)):
-        # The derivative from the output, as aten's tanh_backward / sigmoid_backward form it.
-        deriv = 1 - yd * yd if isinstance(module, nn.Tanh) else (1 - yd) * yd
-        return y, _Step((name, _shape_sig(yd)), {"deriv": deriv}, lambda g, s: g * s["deriv"])
+        # aten's own backward from the output: one pass over (g, y) per call, the same bytes as
+        # a multiply by a stored derivative, without forming that derivative (two more passes
+        # per batch, every step under strict PC, where each rule is used once).
+        tanh = isinstance(module, nn.Tanh)
+        return y, _Step((name, _shape_sig(yd)), {"out": yd},
+                        lambda g, s: squash_vjp(g, s["out"], tanh))
     if isinstance(module, ACTIVATIONS):
         # Elementwise: the derivative is taken once per batch, each step is one multiply.
         with torch.enable_grad():

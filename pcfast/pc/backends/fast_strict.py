@@ -159,15 +159,21 @@ class StrictRunner:
                 t: int) -> torch.Tensor:
         """``x - rate (pi e - clamp(sum(backs)))`` (or the momentum step on that gradient).
 
-        Plain steps run as ``(x - pi e) + pc_relax(pi e, backs)``: ``pc_relax`` sums the
-        contributions, clamps and forms ``pi e + rate (clamp(back) - pi e)`` in one pass, and
-        ``x - pi e`` is the prediction itself where ``pi = 1`` (so that unit precisions give
-        bit-identical results)."""
+        Plain steps with ``pi = 1`` and no clamp are one ``pc_relax`` pass:
+        ``x - rate (x - mu - back) = lerp(x, mu + sum(backs), rate)``. Otherwise
+        ``(x - pi e) + pc_relax(pi e, backs)``: ``pc_relax`` sums the contributions, clamps and
+        forms ``pi e + rate (clamp(back) - pi e)``, and ``x - pi e`` is the prediction itself
+        where ``pi = 1`` (so that unit precisions give bit-identical results)."""
+        backs = backs or []
+        if s.state_momentum:
+            back = summed(backs, value.dtype) if backs else torch.zeros_like(value)
+            return steps.update(name, value, e_w - clamp(back, s))
+        out = torch.empty_like(value)
+        if s.error_clamp is None and _unit(name, s, t) and len(backs) < 4:
+            pc_relax(value, [mu.detach(), *backs], s.rate, None, out)
+            return out
         if not backs:
             backs = [torch.zeros_like(value)]
-        if s.state_momentum:
-            return steps.update(name, value, e_w - clamp(summed(backs, value.dtype), s))
-        out = torch.empty_like(value)
         pc_relax(e_w, backs, s.rate, s.error_clamp, out)
         return out.add_(mu.detach() if _unit(name, s, t) else value - e_w)
 
