@@ -30,6 +30,8 @@ Rows (all in one run, same device, same initial weights, same batches):
 ``pcfast-epc-reference``     ``PCEngine(fpa=False, epc=True)``: error-based PC
 ``pcfast-epc-fast``          the same with ``backend="fast"``
 ``hand-epc-eager``           :func:`hand_epc_grads`, closed-form ePC, eager
+``floor-strict-eager``       NOT PC: :func:`floor_strict_grads`, only the matmuls, tanh and
+                             the Adam step of a strict batch (a lower bound, same optimizer)
 ===========================  ==============================================================
 
 The ratio column is each row's time over the hand-written EAGER loop of the same math (strict,
@@ -80,7 +82,7 @@ ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-fast", "pcf
         "pcfast-ipc-reference", "pcfast-ipc-fast", "pcfast-epc-reference", "pcfast-epc-fast",
         "hand-strict-eager",
         "hand-strict-compile", "hand-fpa-eager", "hand-fpa-compile", "hand-ipc-eager",
-        "hand-epc-eager")
+        "hand-epc-eager", "floor-strict-eager")
 SIZES = (784, 256, 256, 10)
 
 
@@ -194,6 +196,29 @@ def hand_strict_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.
     return _strict_weight_grads(v, g, x.shape[0])
 
 
+def floor_strict_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, T: int,
+                       rate: float) -> list[torch.Tensor]:
+    """NOT PC: the matmuls, tanh and bias sums that :func:`hand_strict_grads` dispatches, with
+    none of its error arithmetic (every error term replaced by a tensor of its shape that is
+    already there); returns tensors shaped like the weight gradients. Its time is a lower bound
+    on any eager implementation of strict PC's math on the machine (the ``floor-strict-eager``
+    row)."""
+    Ws, bs = list(params[0::2]), list(params[1::2])
+    L = len(Ws) - 1
+    v = _feedforward(Ws, bs, x)
+    for step in range(T + 1):  # T steps, then the final prediction pass
+        mus = [torch.tanh(torch.addmm(bs[l], v[l], Ws[l].t())) for l in range(1, L)]
+        out = torch.addmm(bs[L], v[L], Ws[L].t())
+        g = [None, v[1], *mus, out]  # g[l + 1]: the shape of layer l's output
+        if step < T:
+            for l in range(1, L + 1):
+                g[l + 1] @ Ws[l]
+    grads: list[torch.Tensor] = []
+    for l in range(L + 1):
+        grads += [g[l + 1].t() @ v[l], g[l + 1].sum(0)]
+    return grads
+
+
 def hand_epc_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, T: int,
                    rate: float) -> list[torch.Tensor]:
     """Error-based PC on the same MLP; returns ``[dW0, db0, dW1, db1, ...]``.
@@ -246,6 +271,7 @@ def hand_ipc_step(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimiz
 
 
 HAND = {"strict": hand_strict_grads, "fpa": hand_fpa_grads, "epc": hand_epc_grads}
+FLOOR = {"strict": floor_strict_grads}
 
 
 # --------------------------------------------------------------------------------- the rows
@@ -253,7 +279,7 @@ class HandLoop:
     """One training step of the hand-written loop: closed-form PC gradients, then Adam."""
 
     def __init__(self, layers: Sequence[nn.Module], math_: str, T: int, rate: float, lr: float,
-                 compile_: bool) -> None:
+                 compile_: bool, floor: bool = False) -> None:
         self.params = flat_params(layers)
         self.optimizer = torch.optim.Adam(self.params, lr=lr)
         self.ipc = (T, rate) if math_ == "ipc" else None
@@ -261,7 +287,7 @@ class HandLoop:
             if compile_:
                 raise ValueError("the hand-written iPC loop has no torch.compile row")
             return
-        fn = HAND[math_]
+        fn = FLOOR[math_] if floor else HAND[math_]
 
         def grads(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
             return fn(self.params, x, y, T, rate)
@@ -303,8 +329,9 @@ def row_math(row: str) -> str:
 
 
 def build_row(row: str, layers: Sequence[nn.Module], T: int, rate: float, lr: float):
-    if row.startswith("hand-"):
-        return HandLoop(layers, row_math(row), T, rate, lr, compile_=row.endswith("compile"))
+    if row.startswith(("hand-", "floor-")):
+        return HandLoop(layers, row_math(row), T, rate, lr, compile_=row.endswith("compile"),
+                        floor=row.startswith("floor-"))
     if row.endswith("-steps"):  # the fast backend taking FPA's T steps one by one
         return EngineLoop(layers, row_math(row), backend="fast", T=T, rate=rate, lr=lr,
                           options={"fpa_solver": "steps"})

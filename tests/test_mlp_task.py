@@ -25,6 +25,7 @@ from bench.mlp_task import (  # noqa: E402
     HAND,
     EngineLoop,
     flat_params,
+    floor_strict_grads,
     hand_fpa_grads,
     hand_ipc_step,
     hand_strict_grads,
@@ -114,6 +115,36 @@ def test_fpa_rate_one_is_backprop_of_the_squared_error():
         pc = hand_fpa_grads(params, x, y, T=len(layers), rate=1.0)
     for a, b in zip(pc, bp):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_floor_row_dispatches_the_strict_loops_matmuls_and_tanh_and_little_else():
+    """The floor row is a lower bound only if it runs every matmul and tanh of the hand-written
+    strict loop, on the same shapes, and none of its error arithmetic."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            self.ops.append((str(func).split(".")[1], shapes))
+            return func(*args, **(kwargs or {}))
+
+    heavy = {"mm", "addmm", "tanh"}
+    params = flat_params(make_layers((12, 9, 7, 5), seed=0))
+    x, y = torch.randn(6, 12), torch.randint(0, 5, (6,))
+    counted = {}
+    for name, fn in (("hand", hand_strict_grads), ("floor", floor_strict_grads)):
+        with torch.no_grad(), Ops() as mode:
+            grads = fn(params, x, y, 3, 0.1)
+        counted[name] = mode.ops
+        assert [g.shape for g in grads] == [p.shape for p in params]
+    hand = sorted(op for op in counted["hand"] if op[0] in heavy)
+    floor = sorted(op for op in counted["floor"] if op[0] in heavy)
+    assert floor == hand and len(hand) > 20
+    assert len(counted["floor"]) < 0.6 * len(counted["hand"])
 
 
 def test_benchmark_rows_run_and_report(monkeypatch, tmp_path):
