@@ -216,3 +216,30 @@ def test_nodes_without_a_rule_run_on_the_autograd_fallback(mode):
         torch.testing.assert_close(results["fast"].errors[k], e, **ERROR_TOL, msg=k)
     for p, q in zip(nets["reference"].parameters(), nets["fast"].parameters()):
         torch.testing.assert_close(q, p, **TOL)
+
+
+def test_sequential_sweep_predicts_each_node_once_on_a_chain(monkeypatch):
+    """A prediction depends on the parents only: on a chain, the one a node makes on its own
+    turn is still current on its parent's turn, so a sweep predicts every node once (the first
+    hidden node reads the clamped input and keeps its feedforward prediction)."""
+    from pcfast.pc.backends.fast_strict import StrictRunner
+
+    calls: list[str] = []
+    original = StrictRunner.predict_node
+
+    def counting(self, node, *args, **kwargs):
+        calls.append(node.name)
+        return original(self, node, *args, **kwargs)
+
+    monkeypatch.setattr(StrictRunner, "predict_node", counting)
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 6), nn.Tanh()),
+              nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 4)]
+    graph = sequential_graph(layers, ["a", "b", "c", "out"])
+    x, y = torch.randn(7, 5), torch.randint(0, 4, (7,))
+    engine = PCEngine(graph, T=3, rate=0.3, fpa=False, schedule="sequential", backend="fast")
+    engine.compute_gradients(x, y)
+    assert engine.last_backend == "fast"
+    # per sweep: c and out on c's turn, b on b's, a (kept) on a's; out and c again only
+    # after their parent moved, i.e. on the next sweep
+    assert calls == ["out", "c", "b", "a"] * 3

@@ -61,6 +61,7 @@ class StrictRunner:
         # Per sender, once: which inputs receive errors, and whether it needs autograd.
         self.needs = {n.name: [p != g.input_name for p in n.parents] for n in self.senders}
         self.fallback = {n.name for n in self.senders if not has_rule(n.fn)}
+        self.node_of = {n.name: n for n in graph.nodes}
 
     # -------------------------------------------------------------------- predictions
     def _feedforward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -245,14 +246,31 @@ class StrictRunner:
         accumulate(ps, grads, n, sign=-1.0)
 
     def _sequential_sweep(self, values, fixed, s, steps, t) -> None:
+        """One top-down sweep: each hidden node ``u`` moves on its own error and its children's
+        errors at the current values.
+
+        A prediction depends on the parents only, so the one a node computes on its own turn
+        (with its rule, where it is a sender) is still current on its parent's turn, unless
+        another parent of that node moved in between (merges): each node's prediction is
+        computed once per sweep instead of twice, and recomputed only after a parent moved.
+        """
         g = self.graph
+        current: dict[str, tuple[torch.Tensor, Rule | None]] = {}
         for name in reversed(g.hidden):
-            kids = {k.name for k in g.children[name]}
-            mus, rules = self._predict(values, fixed, kids | {name}, rules_for=kids)
+            kids = g.children[name]
+            mus, rules = {}, {}
+            for node in [*kids, self.node_of[name]]:
+                if node.name not in current:
+                    current[node.name] = self.predict_node(node, values, fixed, grad=False)
+                mus[node.name], rule = current[node.name]
+                if rule is not None and node.name != name:
+                    rules[node.name] = rule
             errors, sent = self._errors(values, mus, s, t)
             back = self._propagate(rules, sent, into=name)
             values[name] = self._update(name, values[name], mus[name], sent[name],
                                         back.get(name), s, steps, t)
+            for kid in kids:  # their parent moved: predict them again if asked
+                current.pop(kid.name, None)
 
     def _finish(self, x, y, s, values, logits, trace, taken, weight_grads_too: bool,
                 trace_final: bool = False) -> PCResult:
