@@ -229,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--nets", nargs="+", default=None,
                      help="pc-vs-bp (default: cnn rescnn) and deep-pc (default: resdualnet "
                           "resnet18): the nets to train")
+    exp.add_argument("--rules", nargs="+", default=None,
+                     help="pc-vs-bp (bp fpa strict) and deep-pc (bp fpa strict ipc epc "
+                          "precision): train only these rules (default: all)")
+    exp.add_argument("--seeds", type=int, default=None, metavar="N",
+                     help="pc-vs-bp: seeds per net and rule, --seed, --seed + 1, ... (2)")
     exp.add_argument("--device", default="auto")
     exp.add_argument("--data-dir", default=None)
     exp.add_argument("--allow-unofficial-data", action="store_true")

@@ -176,3 +176,34 @@ def test_experiments_train_subset_and_nets_flags(tmp_path):
         load_all()["pc-vs-bp"].fn(_args(tmp_path, nets=["vgg"]))
     with pytest.raises(ValueError, match=r"deep-pc runs the nets .*unknown: \['cnn'\]"):
         load_all()["deep-pc"].fn(_args(tmp_path, nets=["cnn"]))
+
+
+def test_rules_and_seeds_flags_pick_the_runs(tmp_path):
+    """``--rules`` and ``--seeds`` train a subset (a CPU-sized piece of a long experiment that a
+    later call with more rules or seeds resumes); the gap table covers what trained."""
+    results = load_all()["pc-vs-bp"].fn(_args(tmp_path, nets=["cnn"], rules=["fpa", "bp"],
+                                              seeds=1))
+    assert sorted(results) == ["cnn-bp-s0", "cnn-fpa-s0"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| cnn | fpa | 1 |" in summary and "| cnn | strict |" not in summary
+    assert not (tmp_path / "cnn-strict-s0").exists()
+    results = load_all()["deep-pc"].fn(_args(tmp_path / "deep", nets=["resnet20"],
+                                             rules=["epc"]))
+    assert sorted(results) == ["resnet20-epc"]
+    with pytest.raises(ValueError, match=r"pc-vs-bp trains the rules .*unknown: \['ipc'\]"):
+        load_all()["pc-vs-bp"].fn(_args(tmp_path, rules=["ipc"]))
+    with pytest.raises(ValueError, match="--seeds must be at least 1"):
+        load_all()["pc-vs-bp"].fn(_args(tmp_path, seeds=0))
+
+
+def test_cli_passes_rules_and_seeds(tmp_path, monkeypatch):
+    import pcfast.experiments as experiments
+    from pcfast import cli
+
+    seen = {}
+    experiments.load_all()
+    monkeypatch.setitem(experiments.EXPERIMENTS, "pc-vs-bp", experiments.Experiment(
+        "pc-vs-bp", lambda args: seen.update(rules=args.rules, seeds=args.seeds), "stub"))
+    assert cli.main(["experiment", "pc-vs-bp", "--rules", "bp", "fpa", "--seeds", "1",
+                     "--run-dir", str(tmp_path)]) == 0
+    assert seen == {"rules": ["bp", "fpa"], "seeds": 1}

@@ -1,7 +1,8 @@
 """``pcfast experiment deep-pc``: the PC variants on deep residual nets, against BP.
 
 For each net (Res-DualNet and the CIFAR ResNet-18 by default; ``--nets`` picks, ``resnet20`` is
-the CPU-sized one) it trains, on the same data, epochs and weight optimizer (preset
+the CPU-sized one) it trains (``--rules`` picks among them), on the same data, epochs and weight
+optimizer (preset
 ``pc-vs-bp``: Adam 1e-3, batch 128, flip + crop, per-channel normalisation, 20 epochs):
 
 =============  ==============================================================================
@@ -38,7 +39,7 @@ from pcfast.experiments.report import (
     plot_error_panels,
     write_summary,
 )
-from pcfast.experiments.runner import chosen_nets, run_dir, train_run
+from pcfast.experiments.runner import chosen_nets, chosen_rules, run_dir, train_run
 
 NAME = "deep-pc"
 PRESET = "pc-vs-bp"  # registered by pcfast.experiments.pc_vs_bp
@@ -84,10 +85,11 @@ def run(args: Any) -> dict[str, list[dict[str, Any]]]:
 
     out = run_dir(args, NAME)
     nets = chosen_nets(args, NAME, NETS, DEFAULT_NETS)
+    labels = chosen_rules(args, NAME, tuple(RULES))
     results: dict[str, list[dict[str, Any]]] = {}
     for net in nets:
         model, kwargs = NETS[net]
-        for label in RULES:
+        for label in labels:
             name = f"{net}-{label}"
             results[name] = train_run(args, NAME, name, PRESET, model=model,
                                       model_kwargs=kwargs, **rows_options(args, name))

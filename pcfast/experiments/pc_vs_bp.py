@@ -1,7 +1,8 @@
 """``pcfast experiment pc-vs-bp``: PC against BP on the same small conv nets, two seeds each.
 
 For each net (the zoo's ``cnn`` and ``rescnn``, ``--nets`` picks) and each of two seeds
-(``--seed`` and ``--seed + 1``) it trains three rules on the same data, epochs and weight
+(``--seed`` and ``--seed + 1``; ``--seeds N`` for N) it trains three rules (``--rules`` picks)
+on the same data, epochs and weight
 optimizer (preset ``pc-vs-bp``: Adam 1e-3, batch 128, pad-4 crop + flip, per-channel
 normalisation, 20 epochs):
 
@@ -30,7 +31,7 @@ from pcfast.experiments.report import (
     plot_error_panels,
     write_summary,
 )
-from pcfast.experiments.runner import chosen_nets, run_dir, train_run
+from pcfast.experiments.runner import chosen_nets, chosen_rules, run_dir, train_run
 from pcfast.models import build_model
 from pcfast.train.presets import register_preset
 
@@ -65,15 +66,21 @@ def _median_epoch_seconds(rows: list[dict[str, Any]]) -> float | None:
 
 
 def gap_rows(results: dict[str, list[dict[str, Any]]], nets, seeds) -> list[list[Any]]:
-    """Per net and PC rule: best test accuracy gap PC - BP, mean over seeds and half-range."""
+    """Per net and PC rule: best test accuracy gap PC - BP, mean over seeds and half-range
+    (over the seeds that trained both; a rule without any such seed has no row)."""
     rows = []
     for net in nets:
         for label in ("fpa", "strict"):
             gaps = []
             for s in seeds:
-                pc = final_metrics(results[f"{net}-{label}-s{s}"])["best_test_error"]
-                bp = final_metrics(results[f"{net}-bp-s{s}"])["best_test_error"]
+                pc_run, bp_run = results.get(f"{net}-{label}-s{s}"), results.get(f"{net}-bp-s{s}")
+                if not pc_run or not bp_run:
+                    continue
+                pc = final_metrics(pc_run)["best_test_error"]
+                bp = final_metrics(bp_run)["best_test_error"]
                 gaps.append(bp - pc)  # accuracy PC - BP = error BP - error PC
+            if not gaps:
+                continue
             spread = (max(gaps) - min(gaps)) / 2
             rows.append([net, label, len(gaps), f"{100 * statistics.mean(gaps):+.2f}",
                          f"{100 * spread:.2f}"])
@@ -84,12 +91,19 @@ def run(args: Any) -> dict[str, list[dict[str, Any]]]:
     """Train every (net, rule, seed) run (resuming), then plot and tabulate."""
     out = run_dir(args, NAME)
     nets = chosen_nets(args, NAME, NETS, NETS)
+    labels = chosen_rules(args, NAME, ("bp", "fpa", "strict"))
     base_seed = getattr(args, "seed", 0)
-    seeds = [base_seed + i for i in range(SEEDS)]
+    count = getattr(args, "seeds", None)
+    count = SEEDS if count is None else count
+    if count < 1:
+        raise ValueError(f"{NAME}: --seeds must be at least 1, got {count}")
+    seeds = [base_seed + i for i in range(count)]
     results: dict[str, list[dict[str, Any]]] = {}
     for net in nets:
         model, kwargs = ZOO[net]
         for label, options in rule_options(net).items():
+            if label not in labels:
+                continue
             for s in seeds:
                 name = f"{net}-{label}-s{s}"
                 results[name] = train_run(_with_seed(args, s), NAME, name, PRESET, model=model,

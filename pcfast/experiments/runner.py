@@ -67,3 +67,15 @@ def train_run(args: Any, experiment: str, name: str, preset: str,
     values = {**options, **overrides(args)}
     values["out_dir"] = str(run_dir(args, experiment) / name)
     return run_training(preset_config(preset, **values))
+
+
+def chosen_rules(args: Any, experiment: str, known) -> list[str]:
+    """The rules ``--rules`` asked for, in the experiment's own order (all without it), each
+    checked against ``known``."""
+    asked = getattr(args, "rules", None)
+    if not asked:
+        return list(known)
+    unknown = sorted(set(asked) - set(known))
+    if unknown:
+        raise ValueError(f"{experiment} trains the rules {list(known)}; unknown: {unknown}")
+    return [r for r in known if r in asked]
