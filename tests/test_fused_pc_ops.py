@@ -108,6 +108,24 @@ def test_pc_relax_eager_cpu_calls_the_kernel_and_counting_sees_the_op():
     torch.testing.assert_close(eager, want, rtol=4e-7, atol=4e-7)
 
 
+def test_pc_relax_without_the_extension_runs_the_reference(monkeypatch):
+    """A missing or stale ``pcfast._C`` (simulated, after calls that found it): both routes
+    run the PyTorch reference."""
+    e, b = torch.randn(8, 5), torch.randn(8, 5)
+    pc_relax(e, [b], 0.3, None, torch.empty_like(e))  # whatever it found is remembered
+    monkeypatch.setattr(_ext, "_loaded", True)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_reason", "pcfast._C could not be imported (simulated)")
+    calls = []
+    monkeypatch.setattr(torch.ops.pcfast, "pc_relax_cpu", lambda *a: calls.append(a),
+                        raising=False)
+    got, want = torch.empty_like(e), torch.empty_like(e)
+    pc_relax(e, [b], 0.3, None, got)
+    pc_relax_ref(e, [b], 0.3, None, want)
+    assert not calls
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_pc_relax_broadcast_and_strided_backs_use_the_reference_form():
     e = torch.randn(4, 6, 3, 3, dtype=torch.float64)
     full = torch.randn(4, 12, 3, 3, dtype=torch.float64)

@@ -15,8 +15,6 @@ PyTorch reference; on CUDA the Triton kernel ``kernels/relax.py`` (one pass) for
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from pcfast.ops import _ext
@@ -57,10 +55,19 @@ def _cpu_kernel_fits(e: torch.Tensor, backs: list[torch.Tensor], out: torch.Tens
     return _has_cpu_kernel()
 
 
-@functools.cache
+_CPU_KERNEL: dict[int, bool] = {}  # id(loaded pcfast._C) -> has pcfast::pc_relax_cpu
+
+
 def _has_cpu_kernel() -> bool:
-    """Whether the extension with ``pcfast::pc_relax_cpu`` is loaded (asked once)."""
-    return _ext.has_kernel("pc_relax_cpu", "cpu")
+    """Whether the loaded extension has ``pcfast::pc_relax_cpu`` (the dispatcher is asked once
+    per loaded module: ~6 us a question, about the kernel's own time on a small tensor)."""
+    module = _ext.load()
+    if module is None:
+        return False
+    known = _CPU_KERNEL.get(id(module))
+    if known is None:
+        known = _CPU_KERNEL[id(module)] = _ext.has_kernel("pc_relax_cpu", "cpu")
+    return known
 
 
 @torch.library.custom_op("pcfast::pc_relax", mutates_args=("out",))
