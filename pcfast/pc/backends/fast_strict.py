@@ -9,8 +9,9 @@ errors. Nodes fed by the graph input alone predict the same at every step (Batch
 training mode normalises with the batch's statistics): their feedforward prediction is kept.
 
 - strict PC, jacobi: ``x_u <- x_u - rate (pi_u e_u - clamp(sum_v pi_v J_vu^T e_v))`` for every
-  hidden node from one prediction pass; sequential: a top-down sweep in which each node
-  recomputes its own prediction and its children's at the current values;
+  hidden node from one prediction pass; sequential: a top-down sweep in which each node moves
+  on its own error and its children's at the current values (each node predicted once per
+  sweep: a child's prediction from its own turn stays current until a parent moves);
 - iPC: the same steps, the predictions also recorded by autograd so that ``dF/dtheta`` at the
   step's starting point is one backward pass over the weights; the optimizer steps after every
   inference step;
