@@ -52,22 +52,7 @@ def _cpu_kernel_fits(e: torch.Tensor, backs: list[torch.Tensor], out: torch.Tens
     for b in backs:
         if b.shape != shape or b.dtype != dtype or not b.is_contiguous():
             return False
-    return _has_cpu_kernel()
-
-
-_CPU_KERNEL: dict[int, bool] = {}  # id(loaded pcfast._C) -> has pcfast::pc_relax_cpu
-
-
-def _has_cpu_kernel() -> bool:
-    """Whether the loaded extension has ``pcfast::pc_relax_cpu`` (the dispatcher is asked once
-    per loaded module: ~6 us a question, about the kernel's own time on a small tensor)."""
-    module = _ext.load()
-    if module is None:
-        return False
-    known = _CPU_KERNEL.get(id(module))
-    if known is None:
-        known = _CPU_KERNEL[id(module)] = _ext.has_kernel("pc_relax_cpu", "cpu")
-    return known
+    return _ext.has_kernel("pc_relax_cpu", "cpu")
 
 
 @torch.library.custom_op("pcfast::pc_relax", mutates_args=("out",))
