@@ -75,19 +75,14 @@ class StrictRunner:
         return ff
 
     def _predict(self, values: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-                 names=None, grad: bool = False,
-                 rules_for=None) -> tuple[dict, dict[str, Rule]]:
-        """Predictions at ``values`` and the senders' rules (only those in ``rules_for`` when
-        given), in topological order; ``grad`` records them for the weight gradients;
-        ``fixed`` holds kept predictions of nodes fed by the input alone."""
-        g = self.graph
+                 grad: bool = False) -> tuple[dict, dict[str, Rule]]:
+        """Every node's prediction at ``values`` and the senders' rules, in topological order;
+        ``grad`` records them for the weight gradients; ``fixed`` holds kept predictions of
+        nodes fed by the input alone."""
         mus: dict[str, torch.Tensor] = {}
         rules: dict[str, Rule] = {}
-        for node in g.nodes:
-            if names is not None and node.name not in names:
-                continue
-            want = rules_for is None or node.name in rules_for
-            mus[node.name], rule = self.predict_node(node, values, fixed, grad, want)
+        for node in self.graph.nodes:
+            mus[node.name], rule = self.predict_node(node, values, fixed, grad)
             if rule is not None:
                 rules[node.name] = rule
         return mus, rules
