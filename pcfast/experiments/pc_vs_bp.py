@@ -39,6 +39,7 @@ NAME = "pc-vs-bp"
 PRESET = "pc-vs-bp"
 NETS = ("cnn", "rescnn")
 SEEDS = 2
+RULES = ("bp", "fpa", "strict")  # the keys of rule_options(net), in training order
 
 register_preset(PRESET, dict(
     model="cnn", rule="bp", optimizer="adam", lr=1e-3, batch_size=128, epochs=20,
@@ -70,7 +71,7 @@ def gap_rows(results: dict[str, list[dict[str, Any]]], nets, seeds) -> list[list
     (over the seeds that trained both; a rule without any such seed has no row)."""
     rows = []
     for net in nets:
-        for label in ("fpa", "strict"):
+        for label in RULES[1:]:
             gaps = []
             for s in seeds:
                 pc_run, bp_run = results.get(f"{net}-{label}-s{s}"), results.get(f"{net}-bp-s{s}")
@@ -91,7 +92,7 @@ def run(args: Any) -> dict[str, list[dict[str, Any]]]:
     """Train every (net, rule, seed) run (resuming), then plot and tabulate."""
     out = run_dir(args, NAME)
     nets = chosen_nets(args, NAME, NETS, NETS)
-    labels = chosen_rules(args, NAME, ("bp", "fpa", "strict"))
+    labels = chosen_rules(args, NAME, RULES)
     base_seed = getattr(args, "seed", 0)
     count = getattr(args, "seeds", None)
     count = SEEDS if count is None else count
