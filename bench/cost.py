@@ -5,7 +5,11 @@ A device-independent cost model (DESIGN.md section 5): run a step on the CPU und
 dispatcher (aten ops and registered custom ops such as ``pcfast::pc_update``), with
 
     bytes(op) = sum of the bytes of its tensor arguments (read)
-              + sum of the bytes of its tensor results and mutated arguments (written).
+              + sum of the bytes of its tensor results and mutated arguments (written),
+
+except that an ``out=`` argument, and a mutated argument the op declares write-only (the
+``out`` destinations of pcfast's fused ops, :func:`pcfast.ops.write_only_args`; a test poisons
+them with NaN on every backend to check that no backend reads them), is charged its write only.
 
 A custom op counts once: inside ``__torch_dispatch__`` the mode is off while the op runs, so
 what the op does inside (its PyTorch reference body, or a C++ kernel's own aten calls) is not
@@ -89,7 +93,7 @@ import sys
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +107,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS_DIR, environment, print_table  # noqa: E402
 from pcfast.models import build_model  # noqa: E402
-from pcfast.ops import bn_saved_stats, cuda_composites  # noqa: E402
+from pcfast.ops import bn_saved_stats, cuda_composites, write_only_args  # noqa: E402
 from pcfast.pc import PCEngine, PCGraph, vjp_rules  # noqa: E402
 
 TARGET_BATCH = 256
@@ -170,11 +174,13 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
-def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
+def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any,
+             write_only: Collection[str] = ()) -> int:
     """Bytes one op moves: tensor arguments read + results and mutated arguments written.
 
-    ``out=`` arguments are written only; in-place and ``out=`` ops that return the mutated
-    tensor are charged one write for it (not two).
+    ``out=`` arguments, and the mutated arguments named in ``write_only`` (destinations the op
+    never reads: :func:`pcfast.ops.write_only_args`), are written only; in-place and ``out=``
+    ops that return the mutated tensor are charged one write for it (not two).
     """
     schema = func._schema
     read: list[torch.Tensor] = []
@@ -187,7 +193,7 @@ def op_bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
             continue
         tensors = _tensors(bound[arg.name])
         writes = arg.alias_info is not None and arg.alias_info.is_write
-        if not arg.is_out:
+        if not (arg.is_out or (writes and arg.name in write_only)):
             read += tensors
         if writes:
             mutated += tensors
@@ -224,12 +230,16 @@ class OpCounter(TorchDispatchMode):
         c.count.n_ops, c.count.n_bytes   # 1, 3 * a.nbytes
     """
 
-    def __init__(self, expand: Mapping[str, Callable[..., Any]] | None = None) -> None:
+    def __init__(self, expand: Mapping[str, Callable[..., Any]] | None = None,
+                 write_only: Mapping[str, Collection[str]] | None = None) -> None:
         """``expand``: ``{"pcfast::op": composite}`` for ops to count as the unfused ops that
-        ``composite(*args)`` dispatches (what a device without that op's fused kernel runs)."""
+        ``composite(*args)`` dispatches (what a device without that op's fused kernel runs).
+        ``write_only``: ``{"ns::op": (argument, ...)}``, mutated arguments charged a write only
+        (default: pcfast's registered ops, :func:`pcfast.ops.write_only_args`)."""
         super().__init__()
         self.count = Count()
         self.expand = dict(expand or {})
+        self.write_only = dict(write_only_args() if write_only is None else write_only)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
@@ -244,7 +254,8 @@ class OpCounter(TorchDispatchMode):
             self.count.excluded[f"{reason}: {name}"] += 1
         else:
             self.count.ops[name] += 1
-            self.count.bytes[name] += op_bytes(func, args, kwargs, out)
+            self.count.bytes[name] += op_bytes(func, args, kwargs, out,
+                                               self.write_only.get(func._schema.name, ()))
         return out
 
 

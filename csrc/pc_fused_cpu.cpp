@@ -208,7 +208,7 @@ void dw_bn_relu_core(const at::Tensor& g, const at::Tensor& z, const at::Tensor&
                      const std::optional<at::Tensor>& gamma, const at::Tensor& mean,
                      const at::Tensor& invstd, const at::Tensor& weight, int64_t stride,
                      const at::Tensor& out, const at::Tensor& e, const at::Tensor& other,
-                     double rate, std::optional<double> clamp) {
+                     const at::Tensor& other_dead, double rate, std::optional<double> clamp) {
   TORCH_CHECK(g.dim() == 4, "dw_bn_relu_vjp expects (N, C, H, W) tensors, got ", g.dim(), "-D");
   check_same(g, g, "g");
   check_same(z, g, "z");
@@ -232,6 +232,11 @@ void dw_bn_relu_core(const at::Tensor& g, const at::Tensor& z, const at::Tensor&
   if (relax) {
     check_same(e, out, "e");
     if (other.defined()) check_same(other, out, "other");
+    TORCH_CHECK(!other_dead.defined() ||
+                    (other.defined() && other_dead.sizes() == other.sizes() &&
+                     other_dead.scalar_type() == at::kBool && other_dead.is_contiguous()),
+                "dw_bn_relu_vjp_relax: other_dead must be a contiguous bool tensor of other's "
+                "shape (and other given)");
   }
   const auto acc_type = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor mean_a = mean.to(acc_type).contiguous();
@@ -254,6 +259,9 @@ void dw_bn_relu_core(const at::Tensor& g, const at::Tensor& z, const at::Tensor&
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const scalar_t* ep = relax ? e.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* xp = relax && other.defined() ? other.const_data_ptr<scalar_t>() : nullptr;
+    const uint8_t* xdp = xp && other_dead.defined()
+                             ? reinterpret_cast<const uint8_t*>(other_dead.const_data_ptr<bool>())
+                             : nullptr;
     const acc_t r = static_cast<acc_t>(rate);
     const bool has_clamp = clamp.has_value();
     const acc_t cl = has_clamp ? static_cast<acc_t>(*clamp) : acc_t(0);
@@ -277,7 +285,7 @@ void dw_bn_relu_core(const at::Tensor& g, const at::Tensor& z, const at::Tensor&
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       const int64_t Wp = Wo + 2;
       std::vector<acc_t> dz((Ho + 2) * Wp, acc_t(0)), gx(HW);
-      std::vector<scalar_t> rounded(HW);
+      std::vector<scalar_t> rounded(HW), masked(xdp ? HW : 0);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
         const int64_t base = p * HWo;
@@ -301,7 +309,12 @@ void dw_bn_relu_core(const at::Tensor& g, const at::Tensor& z, const at::Tensor&
         scalar_t* tmp = relax ? rounded.data() : o;
         for (int64_t i = 0; i < HW; ++i) tmp[i] = static_cast<scalar_t>(gx[i]);
         if (relax) {
-          const scalar_t* bp2[2] = {tmp, xp ? xp + p * HW : nullptr};
+          const scalar_t* xplane = xp ? xp + p * HW : nullptr;
+          if (xdp) {  // other * [other_dead == 0], as the unfused masked_fill gives it
+            mask_dead<scalar_t>(xplane, xdp + p * HW, HW, masked.data());
+            xplane = masked.data();
+          }
+          const scalar_t* bp2[2] = {tmp, xplane};
           relax_range<scalar_t, acc_t>(ep + p * HW, bp2, xp ? 2 : 1, o, 0, HW, r, has_clamp, cl);
         }
       }
@@ -316,7 +329,7 @@ at::Tensor dw_bn_relu_vjp_cpu(const at::Tensor& g, const at::Tensor& z, const at
   TORCH_CHECK(g.dim() == 4, "dw_bn_relu_vjp expects (N, C, H, W) tensors, got ", g.dim(), "-D");
   at::Tensor out = at::empty({g.size(0), g.size(1), in_h, in_w}, g.options());
   dw_bn_relu_core(g, z, dead, gamma, mean, invstd, weight, stride, out, at::Tensor(),
-                  at::Tensor(), 1.0, std::nullopt);
+                  at::Tensor(), at::Tensor(), 1.0, std::nullopt);
   return out;
 }
 
@@ -324,38 +337,52 @@ void dw_bn_relu_vjp_relax_cpu(const at::Tensor& g, const at::Tensor& z, const at
                               const std::optional<at::Tensor>& gamma, const at::Tensor& mean,
                               const at::Tensor& invstd, const at::Tensor& weight, int64_t stride,
                               const at::Tensor& e, const std::optional<at::Tensor>& other,
-                              double rate, std::optional<double> clamp, const at::Tensor& out) {
+                              const std::optional<at::Tensor>& other_dead, double rate,
+                              std::optional<double> clamp, const at::Tensor& out) {
   dw_bn_relu_core(g, z, dead, gamma, mean, invstd, weight, stride, out, e,
-                  other.has_value() ? *other : at::Tensor(), rate, clamp);
+                  other.has_value() ? *other : at::Tensor(),
+                  other_dead.has_value() ? *other_dead : at::Tensor(), rate, clamp);
 }
 
 
 // ReLU(a + b) merge: g = e * [out > 0] goes to both parents; parent a (the block's last
-// sub-layer, whose only child is the merge) is relaxed here: out_a = relax(e_a, g). Returns g.
+// sub-layer, whose only child is the merge) is relaxed here: out_a = relax(e_a, g). Returns g
+// (store_g), or an empty tensor where parent b reads e and the mask itself.
 at::Tensor add_relu_vjp_relax_cpu(const at::Tensor& e, const at::Tensor& dead,
                                   const at::Tensor& e_a, double rate, std::optional<double> clamp,
-                                  const at::Tensor& out_a) {
+                                  const at::Tensor& out_a, bool store_g) {
   check_same(e, e, "e");
   check_same(e_a, e, "e_a");
   check_same(out_a, e, "out_a");
   TORCH_CHECK(dead.sizes() == e.sizes() && dead.scalar_type() == at::kBool && dead.is_contiguous(),
               "add_relu_vjp_relax: dead must be a contiguous bool tensor of e's shape");
-  at::Tensor g = at::empty_like(e);
+  at::Tensor g = store_g ? at::empty_like(e) : at::empty({0}, e.options());
   const int64_t n = e.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "add_relu_vjp", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ep = e.const_data_ptr<scalar_t>();
     const uint8_t* dp = reinterpret_cast<const uint8_t*>(dead.const_data_ptr<bool>());
     const scalar_t* ap = e_a.const_data_ptr<scalar_t>();
-    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+    scalar_t* gp = store_g ? g.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out_a.mutable_data_ptr<scalar_t>();
     const acc_t r = static_cast<acc_t>(rate);
     const bool has_clamp = clamp.has_value();
     const acc_t c = has_clamp ? static_cast<acc_t>(*clamp) : acc_t(0);
+    constexpr int64_t kChunk = 4096;  // without g: masked in cache-sized pieces
     at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-      mask_dead<scalar_t>(ep + begin, dp + begin, end - begin, gp + begin);
-      const scalar_t* bp[1] = {gp};
-      relax_range<scalar_t, acc_t>(ap, bp, 1, op, begin, end, r, has_clamp, c);
+      if (gp) {
+        mask_dead<scalar_t>(ep + begin, dp + begin, end - begin, gp + begin);
+        const scalar_t* bp[1] = {gp};
+        relax_range<scalar_t, acc_t>(ap, bp, 1, op, begin, end, r, has_clamp, c);
+        return;
+      }
+      std::vector<scalar_t> piece(std::min(kChunk, end - begin));
+      for (int64_t s = begin; s < end; s += kChunk) {
+        const int64_t len = std::min(kChunk, end - s);
+        mask_dead<scalar_t>(ep + s, dp + s, len, piece.data());
+        const scalar_t* bp[1] = {piece.data()};
+        relax_range<scalar_t, acc_t>(ap + s, bp, 1, op + s, 0, len, r, has_clamp, c);
+      }
     });
   });
   return g;
@@ -444,11 +471,11 @@ TORCH_LIBRARY_FRAGMENT(pcfast, m) {
       "Tensor invstd, Tensor weight, int stride, int in_h, int in_w) -> Tensor");
   m.def(
       "dw_bn_relu_vjp_relax_cpu(Tensor g, Tensor z, Tensor dead, Tensor? gamma, Tensor mean, "
-      "Tensor invstd, Tensor weight, int stride, Tensor e, Tensor? other, float rate, "
-      "float? clamp, Tensor(a!) out) -> ()");
+      "Tensor invstd, Tensor weight, int stride, Tensor e, Tensor? other, Tensor? other_dead, "
+      "float rate, float? clamp, Tensor(a!) out) -> ()");
   m.def(
       "add_relu_vjp_relax_cpu(Tensor e, Tensor dead, Tensor e_a, float rate, float? clamp, "
-      "Tensor(a!) out_a) -> Tensor");
+      "Tensor(a!) out_a, bool store_g=True) -> Tensor");
   m.def(
       "concat_relu_vjp_relax_cpu(Tensor e, Tensor dead, Tensor e_a, Tensor e_b, float rate, "
       "float? clamp, Tensor(a!) out_a, Tensor(b!) out_b) -> ()");

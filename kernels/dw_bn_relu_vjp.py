@@ -64,14 +64,15 @@ def _bn_partials_kernel(
 def _dw_bn_relu_apply_kernel(
     # pointers
     g_ptr, z_ptr, dead_ptr, gamma_ptr, mean_ptr, invstd_ptr, part_ptr, w_ptr,
-    e_ptr, other_ptr, out_ptr,
+    e_ptr, other_ptr, other_dead_ptr, out_ptr,
     # sizes: channels, input plane H x W, output plane Ho x Wo, elements per channel
     C, H, W, Ho, Wo, M,
     # scalars, each as three float32 parts hi + mid + lo
     rate_hi, rate_mid, rate_lo, clamp_hi, clamp_mid, clamp_lo,
     # constexpr
     STRIDE: tl.constexpr, HAS_GAMMA: tl.constexpr, RELAX: tl.constexpr,
-    HAS_OTHER: tl.constexpr, HAS_CLAMP: tl.constexpr, RATE_ONE: tl.constexpr,
+    HAS_OTHER: tl.constexpr, OTHER_DEAD: tl.constexpr, HAS_CLAMP: tl.constexpr,
+    RATE_ONE: tl.constexpr,
     LERP_HIGH: tl.constexpr, ACC_DTYPE: tl.constexpr, SPLIT_: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -118,7 +119,10 @@ def _dw_bn_relu_apply_kernel(
         rate = rate + tl.cast(rate_lo, ACC_DTYPE)
         b = dx
         if HAS_OTHER:
-            b = b + tl.load(other_ptr + dst, mask=in_plane, other=0.0).to(ACC_DTYPE)
+            o = tl.load(other_ptr + dst, mask=in_plane, other=0.0)
+            if OTHER_DEAD:  # other * [other_dead == 0]: a merge's error under its ReLU mask
+                o = tl.where(tl.load(other_dead_ptr + dst, mask=in_plane, other=1) != 0, 0.0, o)
+            b = b + o.to(ACC_DTYPE)
         if HAS_CLAMP:
             clamp_val = tl.cast(clamp_hi, ACC_DTYPE) + tl.cast(clamp_mid, ACC_DTYPE)
             clamp_val = clamp_val + tl.cast(clamp_lo, ACC_DTYPE)
@@ -160,9 +164,10 @@ def bn_partials_fwd(g: torch.Tensor, z: torch.Tensor, dead: torch.Tensor, mean: 
 
 
 def dw_bn_relu_apply_fwd(g, z, dead, gamma, mean, invstd, part, weight, stride, e, other, rate,
-                         clamp, out, block: int = BLOCK_APPLY) -> None:
+                         clamp, out, other_dead=None, block: int = BLOCK_APPLY) -> None:
     """Launch :func:`_dw_bn_relu_apply_kernel` into ``out`` ``(N, C, H, W)`` (``e is None``:
-    ``out = dx``; else the relax epilogue with ``other``, ``rate``, ``clamp``)."""
+    ``out = dx``; else the relax epilogue with ``other`` (masked by ``~other_dead`` when
+    given), ``rate``, ``clamp``)."""
     n, c, ho, wo = g.shape
     h, w = out.shape[2], out.shape[3]
     acc = acc_dtype(g.dtype)
@@ -170,11 +175,13 @@ def dw_bn_relu_apply_fwd(g, z, dead, gamma, mean, invstd, part, weight, stride, 
     for_device(_dw_bn_relu_apply_kernel, g.device)[grid](
         g, z, dead, gamma if gamma is not None else mean, mean.contiguous(), invstd.contiguous(),
         part, weight.contiguous(),
-        e if e is not None else out, other if other is not None else out, out,
+        e if e is not None else out, other if other is not None else out,
+        other_dead if other_dead is not None else dead, out,
         c, h, w, ho, wo, n * ho * wo,
         *scalar_parts(rate if e is not None else 1.0), *scalar_parts(clamp),
         STRIDE=stride, HAS_GAMMA=gamma is not None, RELAX=e is not None,
-        HAS_OTHER=other is not None, HAS_CLAMP=clamp is not None,
+        HAS_OTHER=other is not None, OTHER_DEAD=other is not None and other_dead is not None,
+        HAS_CLAMP=clamp is not None,
         RATE_ONE=e is None or rate == 1.0, LERP_HIGH=e is not None and rate >= 0.5,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, SPLIT_=part.shape[-1],
         BLOCK=block,

@@ -107,6 +107,28 @@ def test_custom_op_counts_once_not_its_body():
     assert count_ops(lambda: (x * 2 + 1).relu()).n_ops == 3  # the same body, uncounted above
 
 
+@torch.library.custom_op("pcfast_cost_test::scale_into", mutates_args=("out",))
+def _scale_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    torch.mul(x, 2.0, out=out)
+
+
+def test_a_declared_write_only_destination_is_charged_its_write_only():
+    x, out = torch.randn(10), torch.empty(10)
+    call = lambda: torch.ops.pcfast_cost_test.scale_into(x, out)  # noqa: E731
+    with OpCounter(write_only={}) as plain:
+        call()
+    with OpCounter(write_only={"pcfast_cost_test::scale_into": ("out",)}) as declared:
+        call()
+    assert plain.count.n_bytes == 3 * 10 * F32  # x read, out read and written
+    assert declared.count.n_bytes == 2 * 10 * F32  # x read, out written
+
+
+def test_the_fast_ops_declare_their_destinations_write_only_by_default():
+    e, b, out = torch.randn(6), torch.randn(6), torch.empty(6)
+    c = count_ops(lambda: torch.ops.pcfast.pc_relax(e, [b], 0.5, None, out))
+    assert c.n_bytes == 3 * 6 * F32  # e and b read, out written
+
+
 def test_an_expanded_custom_op_counts_its_composite_op_by_op():
     # What a device without the op's fused kernel runs: the unfused ops, each with its traffic.
     x = torch.randn(10)

@@ -192,6 +192,50 @@ def test_dw_bn_relu_vjp_relax_matches_the_unfused_ops(dtype, stride, with_other,
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("rate, clamp", [(0.5, None), (0.3, 0.05)])
+def test_dw_bn_relu_vjp_relax_reads_a_masked_other_as_its_masked_copy(dtype, stride, rate, clamp):
+    """``other_dead``: the op reads a merge's error and mask and must give exactly what it gives
+    for the stored masked copy (masking is exact), on the registered op (C++ where built) and the
+    reference; the mask must matter (a different result without it)."""
+    shape = (2, 3, 7, 9)
+    t = _case(shape, stride, dtype)
+    mean, invstd = bn_saved_stats(t["z"], EPS)
+    gen = torch.Generator().manual_seed(8)
+    r = lambda: torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    e, merge_err = r() * 0.1, r()
+    merge_dead = torch.rand(shape, generator=gen) < 0.5
+    head = (t["g"], t["z"], t["out"] <= 0, t["gamma"], mean, invstd, t["w"], stride, e)
+    for fn in (dw_bn_relu_vjp_relax, dw_bn_relu_vjp_relax_ref):
+        got, want, unmasked = (torch.empty_like(e) for _ in range(3))
+        fn(*head, merge_err, rate, clamp, got, other_dead=merge_dead)
+        fn(*head, merge_err.masked_fill(merge_dead, 0.0), rate, clamp, want)
+        fn(*head, merge_err, rate, clamp, unmasked)
+        assert torch.equal(got, want), fn.__name__
+        assert not torch.equal(got, unmasked)
+    with pytest.raises(ValueError, match="other_dead"):
+        dw_bn_relu_vjp_relax(*head, None, rate, clamp, torch.empty_like(e),
+                             other_dead=merge_dead)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_add_relu_vjp_relax_without_g_relaxes_the_same_and_stores_nothing(dtype):
+    from pcfast.ops.vjp_relax import add_relu_vjp_relax, add_relu_vjp_relax_ref
+
+    gen = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    e, dead, e_a = r(3, 5, 40, 41), r(3, 5, 40, 41) > 0, r(3, 5, 40, 41)  # several 4096 chunks
+    for fn in (add_relu_vjp_relax, add_relu_vjp_relax_ref):
+        with_g, without_g = torch.empty_like(e_a), torch.full_like(e_a, float("nan"))
+        g = fn(e, dead, e_a, 0.4, 0.7, with_g)
+        none = fn(e, dead, e_a, 0.4, 0.7, without_g, store_g=False)
+        assert torch.equal(without_g, with_g) and g.shape == e.shape, fn.__name__
+        assert none.numel() == 0
+    torch.library.opcheck(torch.ops.pcfast.add_relu_vjp_relax.default,
+                          (e, dead, e_a, 0.5, None, torch.empty_like(e_a), False))
+
+
 def test_dw_bn_relu_ops_opcheck():
     t = _case((2, 3, 6, 5), 2, torch.float32)
     mean, invstd = bn_saved_stats(t["z"], EPS)
@@ -202,6 +246,9 @@ def test_dw_bn_relu_ops_opcheck():
     torch.library.opcheck(torch.ops.pcfast.dw_bn_relu_vjp_relax.default,
                           (t["g"], t["z"], dead, None, mean, invstd, t["w"], 2, e, e.clone(), 0.5,
                            None, torch.empty_like(e)))
+    torch.library.opcheck(torch.ops.pcfast.dw_bn_relu_vjp_relax.default,
+                          (t["g"], t["z"], dead, None, mean, invstd, t["w"], 2, e, e.clone(), 0.5,
+                           None, torch.empty_like(e), e > 0))
 
 
 def test_dw_bn_relu_vjp_clear_errors():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcfast.models import MODELS, build_model
 from pcfast.models.cifar_resnet import CifarResNet
@@ -156,6 +157,60 @@ def test_fused_kernels_equal_reference_on_resdualnet(schedule, rate, clamp):
         torch.testing.assert_close(f.errors[k], r.errors[k], rtol=1e-10, atol=1e-12, msg=k)
     for (name, p), q in zip(ref_net.named_parameters(), fast_net.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+class _FusedCalls(TorchDispatchMode):
+    """Records the add merges' ``store_g`` and the dw ops' ``other_dead`` of each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store_g, self.other_dead = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name == "pcfast.add_relu_vjp_relax.default":
+            self.store_g.append(args[6] if len(args) > 6 else True)
+        elif name == "pcfast.dw_bn_relu_vjp_relax.default":
+            self.other_dead.append(args[13] if len(args) > 13 else None)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+def test_add_merges_hand_their_masked_error_to_the_block_input_s_last_writer(schedule):
+    """The stride-1 blocks' add merge stores no masked error: the dw sub-layer that finishes the
+    block input reads the merge's error and mask in its own op, with results equal to the
+    reference path's (the equality tests above check the values; here, that the path ran)."""
+    torch.manual_seed(0)
+    net = ResDualNet(stem_channels=3, stages=((3, 1), (6, 2)), blocks_per_stage=2).double()
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (5,))
+    ref_net, fast_net = copy.deepcopy(net), copy.deepcopy(net)
+    kw = dict(T=4, rate=0.5, schedule=schedule)
+    r = PCEngine(ref_net.pc_graph(), backend="reference", **kw).compute_gradients(x, y)
+    engine = PCEngine(fast_net.pc_graph(), backend="fast",
+                      backend_options={"kernels": "auto", "fpa_solver": "steps"}, **kw)
+    with _FusedCalls() as calls:
+        f = engine.compute_gradients(x, y)
+    adds = len(calls.store_g)
+    assert adds > 0 and not any(calls.store_g)
+    masked = [d for d in calls.other_dead if d is not None]
+    assert len(masked) == adds and all(d.dtype == torch.bool for d in masked)
+    for k in r.errors:
+        torch.testing.assert_close(f.errors[k], r.errors[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_masked_error_is_stored_for_a_last_writer_that_cannot_read_it():
+    from pcfast.pc.vjp_rules import ChainRule, MaskedError, _Step, stored
+
+    err, dead = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4) > 0
+    m = MaskedError(err, dead)
+    (t,) = stored([m])
+    assert torch.equal(t, err.masked_fill(dead, 0.0)) and m.shape == err.shape
+    seen = []
+    step = _Step(("test",), {}, lambda g, s: g, relax=lambda *a: seen.append(a[3]))
+    rule = ChainRule([step])
+    assert not rule.takes_masked_other()
+    rule.fused(err, {0: (err, [m], torch.empty_like(err))}, 0.5, None)
+    assert isinstance(seen[0], torch.Tensor) and torch.equal(seen[0], t)
 
 
 def test_eval_mode_batchnorm_rule_equals_reference():

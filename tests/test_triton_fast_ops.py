@@ -204,6 +204,35 @@ def test_dw_bn_relu_relax_passes_match_the_unfused_ops(dtype, stride, with_other
     torch.testing.assert_close(via_ops, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dw_bn_relu_apply_kernel_reads_a_masked_other_as_its_masked_copy(stride):
+    shape = (2, 3, 7, 9)
+    _, lo = _dw_case(shape, stride, torch.float32)
+    mean, invstd = bn_saved_stats(lo["z"], EPS)
+    gen = torch.Generator().manual_seed(6)
+    e, merge_err = _randn(shape, gen, torch.float32), _randn(shape, gen, torch.float32)
+    merge_dead = torch.rand(shape, generator=gen) < 0.5
+    part = dwk.bn_partials_fwd(lo["g"], lo["z"], lo["dead"], mean, invstd)
+    head = (lo["g"], lo["z"], lo["dead"], lo["gamma"], mean, invstd, part, lo["w"], stride, e)
+    got, want = torch.full_like(e, float("nan")), torch.empty_like(e)
+    dwk.dw_bn_relu_apply_fwd(*head, merge_err, 0.4, None, got, merge_dead)
+    dwk.dw_bn_relu_apply_fwd(*head, merge_err.masked_fill(merge_dead, 0.0), 0.4, None, want)
+    assert torch.equal(got, want)
+    ref = torch.empty_like(e)
+    passes.dw_bn_relu_apply_ref(*head, merge_err, 0.4, None, ref, merge_dead)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_add_relu_kernel_without_g_relaxes_the_same():
+    gen = torch.Generator().manual_seed(2)
+    e, e_a = _randn((2, 6, 5, 7), gen, torch.float32), _randn((2, 6, 5, 7), gen, torch.float32)
+    dead = torch.rand(2, 6, 5, 7, generator=gen) < 0.4
+    with_g, without_g = torch.empty_like(e), torch.full_like(e, float("nan"))
+    vjp_relax.add_relu_vjp_relax_triton(e, dead, e_a, 0.5, None, with_g)
+    none = vjp_relax.add_relu_vjp_relax_triton(e, dead, e_a, 0.5, None, without_g, False)
+    assert torch.equal(with_g, without_g) and none.numel() == 0
+
+
 def test_dw_bn_relu_pass_ops_opcheck():
     _, lo = _dw_case((2, 3, 6, 5), 2, torch.float32)
     mean, invstd = bn_saved_stats(lo["z"], EPS)

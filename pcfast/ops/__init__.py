@@ -28,8 +28,21 @@ def cuda_composites() -> dict:
     return out
 
 
+def write_only_args() -> dict[str, tuple[str, ...]]:
+    """``{"pcfast::op": (argument, ...)}``: the mutated arguments of the registered ops that
+    every backend only writes (destinations such as ``out``; never read, so ``bench/cost.py``
+    charges them one write, as it does aten's ``out=`` arguments, not a read and a write)."""
+    import importlib
+
+    out: dict = {}
+    for name in ("pc_relax", "dw_bn_relu_vjp", "dw_bn_relu_passes", "vjp_relax"):
+        out.update(importlib.import_module(f"pcfast.ops.{name}").WRITE_ONLY)
+    return out
+
+
 __all__ = [
     "cuda_composites",
+    "write_only_args",
     "bn_relu_vjp",
     "bn_relu_vjp_ref",
     "bn_saved_stats",

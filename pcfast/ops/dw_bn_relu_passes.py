@@ -6,11 +6,11 @@
   (``kernels/dw_bn_relu_vjp.py``, ``S = PARTIALS = 16`` partials per channel); elsewhere the PyTorch
   reference (the whole sum in ``part[..., 0]``, zeros after it).
 - ``dw_bn_relu_apply(g, z, dead, gamma, mean, invstd, part, weight, stride, e, other, rate,
-  clamp, out)``: ``dx = dwconv_bwd_input(gamma * invstd * (dy - k1 - xhat * k2))`` with
-  ``k1, k2 = part.sum(-1) / M``, written to ``out`` (``e is None``) or relaxed into it:
-  ``out = lerp(e, clamp(dx + other), rate)``. CUDA: one Triton pass that forms the BatchNorm VJP
-  on the fly inside the transposed depthwise conv (it is never stored); elsewhere the PyTorch
-  reference.
+  clamp, out, other_dead=None)``: ``dx = dwconv_bwd_input(gamma * invstd * (dy - k1 - xhat *
+  k2))`` with ``k1, k2 = part.sum(-1) / M``, written to ``out`` (``e is None``) or relaxed into
+  it: ``out = lerp(e, clamp(dx + other), rate)`` (``other * ~other_dead`` with ``other_dead``).
+  CUDA: one Triton pass that forms the BatchNorm VJP on the fly inside the transposed depthwise
+  conv (it is never stored); elsewhere the PyTorch reference.
 
 Two registered ops, so that ``bench/cost.py`` counts a GPU step as the two launches it is, each
 with its own traffic (the reduction reads ``g``, ``z`` and ``dead`` once more).
@@ -48,8 +48,10 @@ def bn_relu_partials_ref(g, z, dead, mean, invstd) -> torch.Tensor:
 
 
 def dw_bn_relu_apply_ref(g, z, dead, gamma, mean, invstd, part, weight, stride, e, other, rate,
-                         clamp, out) -> None:
+                         clamp, out, other_dead=None) -> None:
     """Reference of ``dw_bn_relu_apply`` (the unfused PyTorch ops)."""
+    if other is not None and other_dead is not None:
+        other = other.masked_fill(other_dead, 0.0)
     acc = _acc(g.dtype)
     shape = (1, -1, 1, 1)
     m = g.shape[0] * g.shape[2] * g.shape[3]
@@ -90,24 +92,28 @@ def _apply_op(g: torch.Tensor, z: torch.Tensor, dead: torch.Tensor, gamma: torch
               mean: torch.Tensor, invstd: torch.Tensor, part: torch.Tensor,
               weight: torch.Tensor, stride: int, e: torch.Tensor | None,
               other: torch.Tensor | None, rate: float, clamp: float | None,
-              out: torch.Tensor) -> None:
+              out: torch.Tensor, other_dead: torch.Tensor | None = None) -> None:
     dw_bn_relu_apply_ref(g, z, dead, gamma, mean, invstd, part, weight, stride, e, other, rate,
-                         clamp, out)
+                         clamp, out, other_dead)
 
 
 @_apply_op.register_kernel("cuda")
 def _apply_cuda(g, z, dead, gamma, mean, invstd, part, weight, stride, e, other, rate, clamp,
-                out):
+                out, other_dead=None):
     from pcfast.kernels.dw_bn_relu_vjp import dw_bn_relu_apply_fwd
 
     dw_bn_relu_apply_fwd(g, z, dead, gamma, mean, invstd, part, weight, stride, e, other, rate,
-                         clamp, out)
+                         clamp, out, other_dead)
 
 
 @_apply_op.register_fake
 def _apply_fake(g, z, dead, gamma, mean, invstd, part, weight, stride, e, other, rate, clamp,
-                out) -> None:
+                out, other_dead=None) -> None:
     return None
+
+
+# Destinations every backend only writes (see pcfast.ops.write_only_args).
+WRITE_ONLY = {"pcfast::dw_bn_relu_apply": ("out",)}
 
 
 def triton_fits(*tensors: torch.Tensor | None) -> bool:
@@ -125,7 +131,7 @@ def bn_relu_partials(g, z, dead, mean, invstd) -> torch.Tensor:
 
 
 def dw_bn_relu_apply(g, z, dead, gamma, mean, invstd, part, weight, stride, e, other, rate,
-                     clamp, out) -> None:
+                     clamp, out, other_dead=None) -> None:
     """Pass 2 (see the module docstring): ``dx`` into ``out``, or relaxed into it."""
     _apply_op(g, z, dead, gamma, mean, invstd, part, weight, int(stride), e, other, float(rate),
-              None if clamp is None else float(clamp), out)
+              None if clamp is None else float(clamp), out, other_dead)

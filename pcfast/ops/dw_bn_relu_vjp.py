@@ -6,7 +6,9 @@ derived once per batch), the training-BatchNorm VJP with the batch statistics ``
 ``invstd`` of the conv output ``z``, and the transposed dual-path depthwise conv (summed
 kernel), in one op. ``dw_bn_relu_vjp_relax(..., e, other, rate, clamp, out)`` adds the PC
 update of the node it feeds as epilogue: ``out = lerp(e, clamp(dx + other), rate)`` (the fast
-backend calls it when this VJP is the last contribution to that node).
+backend calls it when this VJP is the last contribution to that node); with ``other_dead`` the
+summand is ``other * ~other_dead`` (a ReLU merge's error and mask, read here instead of a
+masked copy stored by the merge).
 
 Backends: C++ on CPU (``pcfast._C``, one pass per plane after a per-channel reduction; the
 PyTorch reference when the extension is missing or stale); on CUDA two Triton passes, each a
@@ -83,9 +85,11 @@ def dw_bn_relu_vjp_ref(g: torch.Tensor, z: torch.Tensor, dead: torch.Tensor,
 
 
 def dw_bn_relu_vjp_relax_ref(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
-                             clamp, out) -> None:
+                             clamp, out, other_dead=None) -> None:
     """Reference of :func:`dw_bn_relu_vjp_relax`: the unfused ops, one after the other."""
     dx = _composite(g, z, dead, gamma, mean, invstd, weight, stride, e.shape[2], e.shape[3])
+    if other is not None and other_dead is not None:
+        other = other.masked_fill(other_dead, 0.0)
     pc_relax_ref(e, [dx] if other is None else [dx, other], rate, clamp, out)
 
 
@@ -117,18 +121,19 @@ def _dw_bn_relu_vjp_relax_op(g: torch.Tensor, z: torch.Tensor, dead: torch.Tenso
                              gamma: torch.Tensor | None, mean: torch.Tensor,
                              invstd: torch.Tensor, weight: torch.Tensor, stride: int,
                              e: torch.Tensor, other: torch.Tensor | None, rate: float,
-                             clamp: float | None, out: torch.Tensor) -> None:
-    if _use_cpp(g, z, dead, weight, e, other, out):
+                             clamp: float | None, out: torch.Tensor,
+                             other_dead: torch.Tensor | None = None) -> None:
+    if _use_cpp(g, z, dead, weight, e, other, out, other_dead):
         torch.ops.pcfast.dw_bn_relu_vjp_relax_cpu(g, z, dead, gamma, mean, invstd, weight,
-                                                  stride, e, other, rate, clamp, out)
+                                                  stride, e, other, other_dead, rate, clamp, out)
         return
     dw_bn_relu_vjp_relax_ref(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
-                             clamp, out)
+                             clamp, out, other_dead)
 
 
 @_dw_bn_relu_vjp_relax_op.register_fake
 def _dw_bn_relu_vjp_relax_fake(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
-                               clamp, out) -> None:
+                               clamp, out, other_dead=None) -> None:
     return None
 
 
@@ -146,16 +151,16 @@ def dw_bn_relu_vjp_cuda(g, z, dead, gamma, mean, invstd, weight, stride, in_h, i
 
 
 def dw_bn_relu_vjp_relax_cuda(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
-                              clamp, out) -> None:
+                              clamp, out, other_dead=None) -> None:
     """What CUDA runs for ``pcfast::dw_bn_relu_vjp_relax``: ``bn_relu_partials``, then
     ``dw_bn_relu_apply`` with the relax epilogue (the reference for non-contiguous tensors)."""
-    if not triton_fits(g, z, dead, weight, e, other, out):
+    if not triton_fits(g, z, dead, weight, e, other, out, other_dead):
         dw_bn_relu_vjp_relax_ref(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
-                                 clamp, out)
+                                 clamp, out, other_dead)
         return
     part = torch.ops.pcfast.bn_relu_partials(g, z, dead, mean, invstd)
     torch.ops.pcfast.dw_bn_relu_apply(g, z, dead, gamma, mean, invstd, part, weight, stride, e,
-                                      other, rate, clamp, out)
+                                      other, rate, clamp, out, other_dead)
 
 
 @_dw_bn_relu_vjp_op.register_kernel("cuda")
@@ -165,15 +170,18 @@ def _dw_bn_relu_vjp_cuda(g, z, dead, gamma, mean, invstd, weight, stride, in_h, 
 
 @_dw_bn_relu_vjp_relax_op.register_kernel("cuda")
 def _dw_bn_relu_vjp_relax_cuda(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
-                               clamp, out):
+                               clamp, out, other_dead=None):
     dw_bn_relu_vjp_relax_cuda(g, z, dead, gamma, mean, invstd, weight, stride, e, other, rate,
-                              clamp, out)
+                              clamp, out, other_dead)
 
 
 # What CUDA runs for each op as several launches: bench/cost.py counts these (two registered
 # passes each), not one op, for a GPU's step.
 CUDA_COMPOSITES = {"pcfast::dw_bn_relu_vjp": dw_bn_relu_vjp_cuda,
                    "pcfast::dw_bn_relu_vjp_relax": dw_bn_relu_vjp_relax_cuda}
+
+# Destinations every backend only writes (see pcfast.ops.write_only_args).
+WRITE_ONLY = {"pcfast::dw_bn_relu_vjp_relax": ("out",)}
 
 
 def _check(g, z, dead, weight, stride) -> None:
@@ -218,11 +226,12 @@ def dw_bn_relu_vjp_relax(g: torch.Tensor, z: torch.Tensor, dead: torch.Tensor,
                          gamma: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor,
                          weight: torch.Tensor, stride: int, e: torch.Tensor,
                          other: torch.Tensor | None, rate: float, clamp: float | None,
-                         out: torch.Tensor) -> None:
+                         out: torch.Tensor, other_dead: torch.Tensor | None = None) -> None:
     """:func:`dw_bn_relu_vjp` with the PC update of the node it feeds as epilogue:
     ``out = lerp(e, clamp(dx + other), rate)`` (``out = clamp(dx + other)`` at ``rate == 1``).
 
-    ``e``, ``out`` (and ``other`` if given): ``(N, C, in_h, in_w)`` like ``dx``.
+    ``e``, ``out`` (and ``other`` if given): ``(N, C, in_h, in_w)`` like ``dx``; ``other_dead``
+    (bool, ``other``'s shape): ``other`` counts as ``other * ~other_dead``.
 
     Example::
 
@@ -231,5 +240,10 @@ def dw_bn_relu_vjp_relax(g: torch.Tensor, z: torch.Tensor, dead: torch.Tensor,
     _check(g, z, dead, weight, stride)
     if out.shape != e.shape or (other is not None and other.shape != e.shape):
         raise ValueError("dw_bn_relu_vjp_relax: e, out and other must have one shape")
+    if other_dead is not None and (other is None or other_dead.shape != other.shape
+                                   or other_dead.dtype != torch.bool):
+        raise ValueError("dw_bn_relu_vjp_relax: other_dead must be a bool tensor of other's "
+                         "shape, and needs other")
     _dw_bn_relu_vjp_relax_op(g, z, dead, gamma, mean, invstd, weight, int(stride), e, other,
-                             float(rate), None if clamp is None else float(clamp), out)
+                             float(rate), None if clamp is None else float(clamp), out,
+                             other_dead)

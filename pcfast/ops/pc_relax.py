@@ -106,6 +106,9 @@ def _pc_relax_fake(e, backs, rate, clamp, out) -> None:
 # for a GPU's step): none for pc_relax, which is one Triton kernel there.
 CUDA_COMPOSITES: dict = {}
 
+# Destinations every backend only writes (see pcfast.ops.write_only_args).
+WRITE_ONLY = {"pcfast::pc_relax": ("out",)}
+
 
 def pc_relax(e: torch.Tensor, backs: list[torch.Tensor], rate: float, clamp: float | None,
              out: torch.Tensor) -> None:

@@ -4,8 +4,10 @@ The fast PC backend calls these when a node's VJP is the last contribution to a 
 parent's new error ``out = lerp(e_dest, clamp(J^T e + other), rate)`` is written by the same op,
 so the contribution is never stored and re-read by a separate update.
 
-- ``add_relu_vjp_relax(e, dead, e_a, rate, clamp, out_a) -> g``: merge ``ReLU(a + b)``:
-  ``g = e * [out > 0]``; parent ``a`` relaxed (``out_a``); ``g`` returned for parent ``b``.
+- ``add_relu_vjp_relax(e, dead, e_a, rate, clamp, out_a, store_g=True) -> g``: merge
+  ``ReLU(a + b)``: ``g = e * [out > 0]``; parent ``a`` relaxed (``out_a``); ``g`` returned for
+  parent ``b`` (``store_g=False``: not stored, an empty tensor returned, where ``b``'s last
+  writer reads ``e`` and ``dead`` itself, e.g. ``dw_bn_relu_vjp_relax(..., other_dead=dead)``).
 - ``concat_relu_vjp_relax(e, dead, e_a, e_b, rate, clamp, out_a, out_b)``: merge
   ``ReLU(cat(a, b))``: both parents relaxed.
 - ``conv1x1_vjp_relax(g, wt, e, other, rate, clamp, out)``: 1x1 stride-1 conv, ``J^T g =
@@ -36,11 +38,12 @@ def _cpp(name: str, *tensors: torch.Tensor | None) -> bool:
 
 
 # ----------------------------------------------------------------------------- references
-def add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a) -> torch.Tensor:
-    """Reference: ``g = e.masked_fill(dead, 0)``; ``pc_relax(e_a, [g]) -> out_a``; returns g."""
+def add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a, store_g=True) -> torch.Tensor:
+    """Reference: ``g = e.masked_fill(dead, 0)``; ``pc_relax(e_a, [g]) -> out_a``; returns g
+    (an empty tensor without ``store_g``)."""
     g = e.masked_fill(dead, 0.0)
     pc_relax_ref(e_a, [g], rate, clamp, out_a)
-    return g
+    return g if store_g else e.new_empty(0)
 
 
 def concat_relu_vjp_relax_ref(e, dead, e_a, e_b, rate, clamp, out_a, out_b) -> None:
@@ -61,15 +64,15 @@ def conv1x1_vjp_relax_ref(g, wt, e, other, rate, clamp, out) -> None:
 # ------------------------------------------------------------------------- registered ops
 @torch.library.custom_op("pcfast::add_relu_vjp_relax", mutates_args=("out_a",))
 def _add_op(e: torch.Tensor, dead: torch.Tensor, e_a: torch.Tensor, rate: float,
-            clamp: float | None, out_a: torch.Tensor) -> torch.Tensor:
+            clamp: float | None, out_a: torch.Tensor, store_g: bool = True) -> torch.Tensor:
     if _cpp("add_relu_vjp_relax_cpu", e, dead, e_a, out_a):
-        return torch.ops.pcfast.add_relu_vjp_relax_cpu(e, dead, e_a, rate, clamp, out_a)
-    return add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a)
+        return torch.ops.pcfast.add_relu_vjp_relax_cpu(e, dead, e_a, rate, clamp, out_a, store_g)
+    return add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a, store_g)
 
 
 @_add_op.register_fake
-def _add_fake(e, dead, e_a, rate, clamp, out_a) -> torch.Tensor:
-    return torch.empty_like(e)
+def _add_fake(e, dead, e_a, rate, clamp, out_a, store_g=True) -> torch.Tensor:
+    return torch.empty_like(e) if store_g else e.new_empty(0)
 
 
 @torch.library.custom_op("pcfast::concat_relu_vjp_relax", mutates_args=("out_a", "out_b"))
@@ -102,14 +105,14 @@ def _conv1x1_fake(g, wt, e, other, rate, clamp, out) -> None:
 
 
 # ------------------------------------------------------- CUDA: Triton (CPU: interpreter)
-def add_relu_vjp_relax_triton(e, dead, e_a, rate, clamp, out_a) -> torch.Tensor:
-    """What CUDA runs for ``pcfast::add_relu_vjp_relax``: one Triton pass writing ``g`` and
-    ``out_a`` (the reference for non-contiguous tensors)."""
+def add_relu_vjp_relax_triton(e, dead, e_a, rate, clamp, out_a, store_g=True) -> torch.Tensor:
+    """What CUDA runs for ``pcfast::add_relu_vjp_relax``: one Triton pass writing ``out_a`` and
+    ``g`` if ``store_g`` (the reference for non-contiguous tensors)."""
     relax = triton_relax()
     if relax is None or not relax.fits(e, dead, e_a, out_a):
-        return add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a)
-    g = torch.empty_like(e)
-    relax.relax_fwd(e_a, [e], rate, clamp, out_a, dead=dead, g=g)
+        return add_relu_vjp_relax_ref(e, dead, e_a, rate, clamp, out_a, store_g)
+    g = torch.empty_like(e) if store_g else e.new_empty(0)
+    relax.relax_fwd(e_a, [e], rate, clamp, out_a, dead=dead, g=g if store_g else None)
     return g
 
 
@@ -132,8 +135,8 @@ def conv1x1_vjp_relax_cuda(g, wt, e, other, rate, clamp, out) -> None:
 
 
 @_add_op.register_kernel("cuda")
-def _add_cuda(e, dead, e_a, rate, clamp, out_a):
-    return add_relu_vjp_relax_triton(e, dead, e_a, rate, clamp, out_a)
+def _add_cuda(e, dead, e_a, rate, clamp, out_a, store_g=True):
+    return add_relu_vjp_relax_triton(e, dead, e_a, rate, clamp, out_a, store_g)
 
 
 @_concat_op.register_kernel("cuda")
@@ -150,6 +153,11 @@ def _conv1x1_cuda(g, wt, e, other, rate, clamp, out):
 # GPU's step (the merges are one Triton kernel each there).
 CUDA_COMPOSITES = {"pcfast::conv1x1_vjp_relax": conv1x1_vjp_relax_cuda}
 
+# Destinations every backend only writes (see pcfast.ops.write_only_args).
+WRITE_ONLY = {"pcfast::add_relu_vjp_relax": ("out_a",),
+              "pcfast::concat_relu_vjp_relax": ("out_a", "out_b"),
+              "pcfast::conv1x1_vjp_relax": ("out",)}
+
 
 # ------------------------------------------------------------------------------ public API
 def _check_like(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
@@ -159,8 +167,10 @@ def _check_like(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
 
 
 def add_relu_vjp_relax(e: torch.Tensor, dead: torch.Tensor, e_a: torch.Tensor, rate: float,
-                       clamp: float | None, out_a: torch.Tensor) -> torch.Tensor:
-    """Merge ``ReLU(a + b)``: relax parent ``a`` into ``out_a``, return ``g`` for parent ``b``.
+                       clamp: float | None, out_a: torch.Tensor,
+                       store_g: bool = True) -> torch.Tensor:
+    """Merge ``ReLU(a + b)``: relax parent ``a`` into ``out_a``, return ``g`` for parent ``b``
+    (``store_g=False``: ``g`` not stored; returns an empty tensor).
 
     Shapes: all ``(N, C, H, W)``; ``dead`` bool (``merge_out <= 0``).
 
@@ -170,7 +180,8 @@ def add_relu_vjp_relax(e: torch.Tensor, dead: torch.Tensor, e_a: torch.Tensor, r
     """
     _check_like("e_a", e_a, e)
     _check_like("out_a", out_a, e)
-    return _add_op(e, dead, e_a, float(rate), None if clamp is None else float(clamp), out_a)
+    return _add_op(e, dead, e_a, float(rate), None if clamp is None else float(clamp), out_a,
+                   bool(store_g))
 
 
 def concat_relu_vjp_relax(e: torch.Tensor, dead: torch.Tensor, e_a: torch.Tensor,

@@ -48,6 +48,27 @@ ACTIVATIONS = (nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.S
                nn.ReLU6, nn.Hardtanh)
 
 
+class MaskedError:
+    """A ReLU merge's error under its mask, ``error * ~dead``, handed to a parent's last writer
+    without being stored: a writer that :meth:`Rule.takes_masked_other` reads ``error`` and
+    ``dead`` in its own pass; anywhere else :meth:`tensor` stores it."""
+
+    def __init__(self, error: torch.Tensor, dead: torch.Tensor) -> None:
+        self.error, self.dead = error, dead
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.error.shape
+
+    def tensor(self) -> torch.Tensor:
+        return self.error.masked_fill(self.dead, 0.0)
+
+
+def stored(contributions: Sequence[torch.Tensor | MaskedError]) -> list[torch.Tensor]:
+    """``contributions`` with every :class:`MaskedError` stored as a tensor."""
+    return [c.tensor() if isinstance(c, MaskedError) else c for c in contributions]
+
+
 class Rule(ABC):
     """Input-VJP of one node over tensors saved from its feedforward pass.
 
@@ -67,15 +88,21 @@ class Rule(ABC):
         """``J_i^T e`` for every input ``i`` (None where the input receives no error)."""
 
     def fused(self, e: torch.Tensor, finish: dict[int, tuple], rate: float,
-              clamp: float | None) -> list[torch.Tensor | None] | None:
+              clamp: float | None, defer: frozenset[int] = frozenset()
+              ) -> list[torch.Tensor | MaskedError | None] | None:
         """The VJP with the PC update of the parents whose last contribution it is, in one op.
 
         ``finish`` maps input index -> ``(e_dest, others, out)``: write
         ``out = lerp(e_dest, clamp(J_i^T e + sum(others)), rate)``. Returns the contributions
         for the other inputs (None at the finished ones), or None when this rule has no fused
-        form for this case (the caller then runs :meth:`vjp` and ``pc_relax``).
+        form for this case (the caller then runs :meth:`vjp` and ``pc_relax``). A contribution
+        to an input in ``defer`` may be a :class:`MaskedError` (its last writer takes one).
         """
         return None
+
+    def takes_masked_other(self) -> bool:
+        """Whether :meth:`fused` reads a :class:`MaskedError` among ``others`` itself."""
+        return False
 
     def tensors(self) -> list[torch.Tensor]:
         """The per-batch tensors, in a fixed order."""
@@ -97,8 +124,10 @@ class _Step:
 
     def __init__(self, sig: tuple, saved: dict[str, torch.Tensor],
                  fn: Callable[[torch.Tensor, dict], torch.Tensor],
-                 relax: Callable[..., None] | None = None) -> None:
+                 relax: Callable[..., None] | None = None, masked_other: bool = False) -> None:
+        """``masked_other``: ``relax`` takes a :class:`MaskedError` as ``other``."""
         self.sig, self.saved, self.fn, self.relax = sig, saved, fn, relax
+        self.masked_other = masked_other
 
 
 def relu_vjp(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -344,15 +373,21 @@ class ChainRule(Rule):
             g = st.fn(g, st.saved)
         return [g]
 
-    def fused(self, e, finish, rate, clamp):
+    def fused(self, e, finish, rate, clamp, defer=frozenset()):
         st = self.steps[0]
         if len(self.steps) != 1 or st.relax is None or set(finish) != {0}:
             return None
         e_dest, others, out = finish[0]
         if len(others) > 1 or any(o.shape != e_dest.shape for o in others):
             return None
-        st.relax(e, st.saved, e_dest, others[0] if others else None, rate, clamp, out)
+        other = others[0] if others else None
+        if isinstance(other, MaskedError) and not st.masked_other:
+            other = other.tensor()
+        st.relax(e, st.saved, e_dest, other, rate, clamp, out)
         return [None]
+
+    def takes_masked_other(self) -> bool:
+        return len(self.steps) == 1 and self.steps[0].masked_other
 
 
 def _dw_bn_relu_step(conv: DualPathDWConv, bn: nn.BatchNorm2d, relu: nn.ReLU,
@@ -374,12 +409,15 @@ def _dw_bn_relu_step(conv: DualPathDWConv, bn: nn.BatchNorm2d, relu: nn.ReLU,
                               s["invstd"], s["w"].to(s["z"].dtype), stride, in_h, in_w)
 
     def relax(g, s, e_dest, other, rate, clamp, out) -> None:
+        other_dead = None
+        if isinstance(other, MaskedError):  # read in the op's epilogue, never stored
+            other, other_dead = other.error, other.dead
         dw_bn_relu_vjp_relax(g.to(s["z"].dtype), s["z"], s["dead"], s.get("gamma"), s["mean"],
                              s["invstd"], s["w"].to(s["z"].dtype), stride, e_dest, other, rate,
-                             clamp, out)
+                             clamp, out, other_dead)
 
     return out, _Step(("dw_bn_relu", stride, tuple(x.shape), _shape_sig(zd),
-                       bn.weight is not None), s, fn, relax)
+                       bn.weight is not None), s, fn, relax, masked_other=True)
 
 
 def _bn_relu_step(bn: nn.BatchNorm2d, relu: nn.ReLU, z: torch.Tensor,
@@ -433,12 +471,16 @@ class MergeRule(Rule):
             return [g, g]
         return [g[:, :self.split], g[:, self.split:]]
 
-    def fused(self, e, finish, rate, clamp):
+    def fused(self, e, finish, rate, clamp, defer=frozenset()):
         if not self.fuse or any(others for _, others, _ in finish.values()):
             return None
         if self.split is None and set(finish) == {0}:
             e_a, _, out_a = finish[0]
-            g = add_relu_vjp_relax(e, self.saved["dead"], e_a, rate, clamp, out_a)
+            dead = self.saved["dead"]
+            if 1 in defer:  # parent b's last writer reads e and the mask: g is not stored
+                add_relu_vjp_relax(e, dead, e_a, rate, clamp, out_a, store_g=False)
+                return [None, MaskedError(e, dead)]
+            g = add_relu_vjp_relax(e, dead, e_a, rate, clamp, out_a)
             return [None, g]
         if self.split is not None and set(finish) == {0, 1}:
             (e_a, _, out_a), (e_b, _, out_b) = finish[0], finish[1]

@@ -64,7 +64,7 @@ from pcfast.pc.backends.fpa_levels import (
 from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, summed
 from pcfast.pc.energy import output_energy, output_error
 from pcfast.pc.graph import PCGraph
-from pcfast.pc.vjp_rules import KERNELS, Rule, node_forward
+from pcfast.pc.vjp_rules import KERNELS, Rule, node_forward, stored
 
 OPTIONS = ("kernels", "cuda_graph", "autocast", "fpa_solver")
 FPA_SOLVERS = ("auto", "levels", "steps")
@@ -338,6 +338,11 @@ class FastBackend(PCBackend):
         # Fused forms need one input per parent (a node fed twice by one parent sums its VJPs).
         distinct = {name: len({p for _, p in targets}) == len(targets)
                     for name, targets, _ in plan}
+        # A merge hands its masked error to a parent whose last writer reads it unstored.
+        last_writer = {p: name for name, _, done in plan for p in done}
+        defer = {name: frozenset(i for i, p in targets if p not in done
+                                 and rules[last_writer[p]].takes_masked_other())
+                 for name, targets, done in plan}
 
         def step() -> None:
             pending: dict[str, list[torch.Tensor]] = {}
@@ -347,9 +352,11 @@ class FastBackend(PCBackend):
                 if done and distinct[name] and momentum is None:
                     # The last writer of the parents in `done`: VJP and their updates in one op
                     # where the rule has a fused form.
-                    finish = {i: (cur[p], pending.get(p, []), nxt[p])
+                    keep = rule.takes_masked_other()
+                    finish = {i: (cur[p], pending.get(p, []) if keep else
+                                  stored(pending.get(p, [])), nxt[p])
                               for i, p in targets if p in done}
-                    res = rule.fused(e, finish, rate, limit)
+                    res = rule.fused(e, finish, rate, limit, defer[name])
                     if res is not None:
                         for i, p in targets:
                             if i in finish:
@@ -362,10 +369,10 @@ class FastBackend(PCBackend):
                     pending.setdefault(p, []).append(grads[i])
                 for p in done:
                     if momentum is None:
-                        pc_relax(cur[p], pending.pop(p), rate, limit, nxt[p])
+                        pc_relax(cur[p], stored(pending.pop(p)), rate, limit, nxt[p])
                     else:  # under FPA mu is fixed: the value step is the error step
                         err = cur[p]
-                        g = err - clamp(summed(pending.pop(p), err.dtype), s)
+                        g = err - clamp(summed(stored(pending.pop(p)), err.dtype), s)
                         nxt[p].copy_(momentum.update(p, err, g))
 
         return step
