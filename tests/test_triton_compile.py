@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pcfast.kernels.bn_relu_vjp import _bn_relu_vjp_kernel, _bn_relu_vjp_reduce_kernel
+from pcfast.kernels.conv1x1_relax import BK, BM, BN, _conv1x1_relax_kernel
 from pcfast.kernels.dw_bn_relu_vjp import _bn_partials_kernel, _dw_bn_relu_apply_kernel
 from pcfast.kernels.pc_update import _pc_update_kernel
 from pcfast.kernels.relax import _concat_relax_kernel, _relax_kernel
@@ -117,11 +118,25 @@ def test_dw_bn_relu_pass_kernels_compile(target, dtype, stride):
     reduce_consts = {"ACC_DTYPE": tl.float32, "SPLIT_": 16, "BLOCK": 1024}
     apply_sig = {"g_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "dead_ptr": "*i1",
                  "gamma_ptr": f"*{dtype}", **stats, "part_ptr": "*fp32", "w_ptr": f"*{dtype}",
-                 "e_ptr": f"*{dtype}", "other_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                 "e_ptr": f"*{dtype}", "other_ptr": f"*{dtype}", "other_dead_ptr": "*i1",
+                 "out_ptr": f"*{dtype}",
                  **{k: "i32" for k in ("C", "H", "W", "Ho", "Wo", "M")}, **F32X3}
     apply_consts = {"STRIDE": stride, "HAS_GAMMA": True, "RELAX": True, "HAS_OTHER": True,
-                    "HAS_CLAMP": True, "RATE_ONE": False, "LERP_HIGH": True,
+                    "OTHER_DEAD": True, "HAS_CLAMP": True, "RATE_ONE": False, "LERP_HIGH": True,
                     "ACC_DTYPE": tl.float32, "SPLIT_": 16, "BLOCK": 256}
     for fn, sig, consts in ((_bn_partials_kernel, reduce_sig, reduce_consts),
                             (_dw_bn_relu_apply_kernel, apply_sig, apply_consts)):
         assert len(_compile(fn, dict(sig), dict(consts), target).asm["cubin"]) > 0
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm_{t.arch}")
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("has_other", [False, True])
+def test_conv1x1_relax_kernel_compiles_without_tf32(target, dtype, has_other):
+    sig = {**{f"{n}_ptr": f"*{dtype}" for n in ("wt", "g", "e", "other", "out")},
+           "C_in": "i32", "C_out": "i32", "HW": "i32", **F32X3}
+    consts = {"HAS_OTHER": has_other, "HAS_CLAMP": True, "RATE_ONE": False, "LERP_HIGH": True,
+              "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK}
+    kernel = _compile(_conv1x1_relax_kernel, sig, consts, target)
+    assert len(kernel.asm["cubin"]) > 0
+    assert ".tf32" not in kernel.asm["ptx"]  # IEEE float32 products, as PyTorch's matmul

@@ -133,6 +133,30 @@ def test_relax_kernels_cover_partial_blocks(block):
     assert bool((buf[1000:] == 7.0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c_in, c_out, hw, blocks", [(40, 20, (7, 9), (16, 16, 16)),
+                                                     (5, 3, (4, 3), (16, 16, 16)),
+                                                     (33, 70, (5, 5), (32, 64, 32))])
+@pytest.mark.parametrize("with_other, rate, clamp", [(False, 0.5, None), (True, 0.3, 0.8),
+                                                     (True, 1.0, None)])
+def test_conv1x1_relax_kernel(dtype, c_in, c_out, hw, blocks, with_other, rate, clamp):
+    """The matmul with the relax epilogue in one launch, partial tiles in every dimension and a
+    K loop of several chunks (c_out 70, BK 32), against float64 math."""
+    from pcfast.kernels.conv1x1_relax import conv1x1_relax_fwd
+
+    gen = torch.Generator().manual_seed(c_in)
+    g = _randn((2, c_out, *hw), gen, dtype)
+    wt = _randn((c_in, c_out), gen, dtype) * 0.3
+    e = _randn((2, c_in, *hw), gen, dtype)
+    other = _randn((2, c_in, *hw), gen, dtype) if with_other else None
+    got, lowp = torch.full_like(e, float("nan")), torch.empty_like(e)
+    conv1x1_relax_fwd(g, wt, e, other, rate, clamp, got, blocks=blocks)
+    vjp_relax.conv1x1_vjp_relax_ref(g, wt, e, other, rate, clamp, lowp)
+    gx = torch.matmul(wt.double(), g.double().reshape(2, c_out, -1)).view(e.shape)
+    b = gx if other is None else gx + other.double()
+    _check(got, _relax_math(e, b, rate, clamp), lowp, dtype, f"conv1x1 {dtype}")
+
+
 def test_conv1x1_vjp_relax_cuda_form_matches_the_reference():
     gen = torch.Generator().manual_seed(2)
     g = _randn((2, 5, 4, 3), gen, torch.float64)

@@ -15,8 +15,9 @@ so the contribution is never stored and re-read by a separate update.
 
 CPU: C++ kernels of ``pcfast._C`` (one pass for the merges; matmul + one epilogue pass for the
 1x1 conv) when built, else the PyTorch reference (``*_ref``, the unfused ops). CUDA: the Triton
-kernels of ``kernels/relax.py`` (one pass for each merge; cuBLAS matmul + the Triton relax
-epilogue for the 1x1 conv) on contiguous tensors, else the reference.
+kernels of ``kernels/relax.py`` (one pass for each merge) and ``kernels/conv1x1_relax.py`` (the
+1x1 conv's matmul with the relax epilogue, one launch; float64: cuBLAS matmul + the relax pass)
+on contiguous tensors, else the reference.
 """
 
 from __future__ import annotations
@@ -126,9 +127,28 @@ def concat_relu_vjp_relax_triton(e, dead, e_a, e_b, rate, clamp, out_a, out_b) -
     relax.concat_relax_fwd(e, dead, e_a, e_b, rate, clamp, out_a, out_b)
 
 
+def _conv1x1_kernel():
+    try:
+        from pcfast.kernels import conv1x1_relax
+    except ImportError:
+        return None
+    return conv1x1_relax
+
+
 def conv1x1_vjp_relax_cuda(g, wt, e, other, rate, clamp, out) -> None:
-    """What CUDA runs for ``pcfast::conv1x1_vjp_relax``: the matmul, then the relax epilogue
-    as one ``pcfast::pc_relax`` (one Triton pass)."""
+    """What CUDA runs for ``pcfast::conv1x1_vjp_relax``: one Triton launch, the matmul with the
+    relax epilogue (``kernels/conv1x1_relax.py``; float32/16, bfloat16, contiguous), else the
+    matmul and then the relax as one ``pcfast::pc_relax``."""
+    kernel = _conv1x1_kernel()
+    if kernel is not None and kernel.takes(g, wt, e, other, out):
+        kernel.conv1x1_relax_fwd(g, wt, e, other, rate, clamp, out)
+        return
+    conv1x1_vjp_relax_unfused(g, wt, e, other, rate, clamp, out)
+
+
+def conv1x1_vjp_relax_unfused(g, wt, e, other, rate, clamp, out) -> None:
+    """The matmul, then the relax epilogue as one ``pcfast::pc_relax`` (CUDA's form for float64
+    and strided tensors)."""
     n, _, h, w = g.shape
     gx = torch.matmul(wt, g.reshape(n, g.shape[1], h * w)).view(e.shape)
     torch.ops.pcfast.pc_relax(e, [gx] if other is None else [gx, other], rate, clamp, out)
@@ -150,8 +170,9 @@ def _conv1x1_cuda(g, wt, e, other, rate, clamp, out):
 
 
 # What CUDA runs for each op as several kernels: bench/cost.py counts these, not one op, for a
-# GPU's step (the merges are one Triton kernel each there).
-CUDA_COMPOSITES = {"pcfast::conv1x1_vjp_relax": conv1x1_vjp_relax_cuda}
+# GPU's step. None here: the merges and the 1x1 conv (float32, as counted) are one Triton
+# kernel each there.
+CUDA_COMPOSITES: dict = {}
 
 # Destinations every backend only writes (see pcfast.ops.write_only_args).
 WRITE_ONLY = {"pcfast::add_relu_vjp_relax": ("out_a",),
