@@ -35,7 +35,7 @@ def _conv1x1_relax_kernel(
     # constexpr
     HAS_OTHER: tl.constexpr, HAS_CLAMP: tl.constexpr, RATE_ONE: tl.constexpr,
     LERP_HIGH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -44,8 +44,11 @@ def _conv1x1_relax_kernel(
     cols = rn < HW
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     g_base = g_ptr + n * C_out * HW
-    for k0 in range(0, C_out, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+    # K_STEPS = cdiv(C_out, BLOCK_K) as a constexpr bound: older Triton interpreters cannot take
+    # a runtime scalar as a range bound (they call int() on a one-element array), and a
+    # for loop, unlike a while loop, can be software-pipelined when compiled
+    for kk in range(K_STEPS):
+        rk = kk * BLOCK_K + tl.arange(0, BLOCK_K)
         inner = rk < C_out
         a = tl.load(wt_ptr + rm[:, None] * C_out + rk[None, :],
                     mask=rows[:, None] & inner[None, :], other=0.0)
@@ -99,5 +102,5 @@ def conv1x1_relax_fwd(g: torch.Tensor, wt: torch.Tensor, e: torch.Tensor,
         c_in, c_out, hw, *scalar_parts(rate), *scalar_parts(clamp),
         HAS_OTHER=other is not None, HAS_CLAMP=clamp is not None, RATE_ONE=rate == 1.0,
         LERP_HIGH=rate >= 0.5,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, K_STEPS=triton.cdiv(c_out, bk),
     )

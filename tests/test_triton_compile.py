@@ -136,7 +136,7 @@ def test_conv1x1_relax_kernel_compiles_without_tf32(target, dtype, has_other):
     sig = {**{f"{n}_ptr": f"*{dtype}" for n in ("wt", "g", "e", "other", "out")},
            "C_in": "i32", "C_out": "i32", "HW": "i32", **F32X3}
     consts = {"HAS_OTHER": has_other, "HAS_CLAMP": True, "RATE_ONE": False, "LERP_HIGH": True,
-              "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK}
+              "BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "K_STEPS": 4}
     kernel = _compile(_conv1x1_relax_kernel, sig, consts, target)
     assert len(kernel.asm["cubin"]) > 0
     assert ".tf32" not in kernel.asm["ptx"]  # IEEE float32 products, as PyTorch's matmul
