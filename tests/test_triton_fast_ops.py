@@ -157,15 +157,27 @@ def test_conv1x1_relax_kernel(dtype, c_in, c_out, hw, blocks, with_other, rate, 
     _check(got, _relax_math(e, b, rate, clamp), lowp, dtype, f"conv1x1 {dtype}")
 
 
-def test_conv1x1_vjp_relax_cuda_form_matches_the_reference():
+@pytest.mark.parametrize("dtype, strided, route", [
+    (torch.float64, False, "unfused"),   # float64: matmul + pc_relax
+    (torch.float32, False, "kernel"),    # the one-launch Triton kernel
+    (torch.float32, True, "unfused"),    # a strided g: matmul + pc_relax
+])
+def test_conv1x1_vjp_relax_cuda_form_matches_the_reference(monkeypatch, dtype, strided, route):
     gen = torch.Generator().manual_seed(2)
-    g = _randn((2, 5, 4, 3), gen, torch.float64)
-    wt = _randn((6, 5), gen, torch.float64)
-    e, other = _randn((2, 6, 4, 3), gen, torch.float64), _randn((2, 6, 4, 3), gen, torch.float64)
-    got, want = torch.empty_like(e), torch.empty_like(e)
+    g = _randn((2, 5, 3, 4), gen, dtype).transpose(2, 3) if strided else \
+        _randn((2, 5, 4, 3), gen, dtype)
+    wt = _randn((6, 5), gen, dtype)
+    e, other = _randn((2, 6, 4, 3), gen, dtype), _randn((2, 6, 4, 3), gen, dtype)
+    routes = []
+    unfused = vjp_relax.conv1x1_vjp_relax_unfused
+    monkeypatch.setattr(vjp_relax, "conv1x1_vjp_relax_unfused",
+                        lambda *a: (routes.append("unfused"), unfused(*a)))
+    got, want = torch.full_like(e, float("nan")), torch.empty_like(e)
     vjp_relax.conv1x1_vjp_relax_cuda(g, wt, e, other, 0.4, 0.8, got)
+    assert routes == ([] if route == "kernel" else ["unfused"])
     vjp_relax.conv1x1_vjp_relax_ref(g, wt, e, other, 0.4, 0.8, want)
-    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- dw_bn_relu two passes
