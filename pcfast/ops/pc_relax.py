@@ -15,6 +15,8 @@ PyTorch reference; on CUDA the Triton kernel ``kernels/relax.py`` (one pass) for
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from pcfast.ops import _ext
@@ -71,13 +73,17 @@ def _plain_eager(tensors: list[torch.Tensor]) -> bool:
             and all(type(t) is torch.Tensor and not t.requires_grad for t in tensors))
 
 
-def triton_relax():
-    """The Triton relax kernels (``pcfast.kernels.relax``), or None without Triton."""
+def triton_kernels(module: str):
+    """The Triton kernel module ``pcfast.kernels.<module>``, or None without Triton."""
     try:
-        from pcfast.kernels import relax
+        return importlib.import_module(f"pcfast.kernels.{module}")
     except ImportError:
         return None
-    return relax
+
+
+def triton_relax():
+    """The Triton relax kernels (``pcfast.kernels.relax``), or None without Triton."""
+    return triton_kernels("relax")
 
 
 def pc_relax_triton(e, backs, rate, clamp, out) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from pcfast.ops import _ext
-from pcfast.ops.pc_relax import pc_relax_ref, triton_relax
+from pcfast.ops.pc_relax import pc_relax_ref, triton_kernels, triton_relax
 
 __all__ = ["add_relu_vjp_relax", "add_relu_vjp_relax_ref", "concat_relu_vjp_relax",
            "concat_relu_vjp_relax_ref", "conv1x1_vjp_relax", "conv1x1_vjp_relax_ref"]
@@ -127,19 +127,11 @@ def concat_relu_vjp_relax_triton(e, dead, e_a, e_b, rate, clamp, out_a, out_b) -
     relax.concat_relax_fwd(e, dead, e_a, e_b, rate, clamp, out_a, out_b)
 
 
-def _conv1x1_kernel():
-    try:
-        from pcfast.kernels import conv1x1_relax
-    except ImportError:
-        return None
-    return conv1x1_relax
-
-
 def conv1x1_vjp_relax_cuda(g, wt, e, other, rate, clamp, out) -> None:
     """What CUDA runs for ``pcfast::conv1x1_vjp_relax``: one Triton launch, the matmul with the
     relax epilogue (``kernels/conv1x1_relax.py``; float32/16, bfloat16, contiguous), else the
     matmul and then the relax as one ``pcfast::pc_relax``."""
-    kernel = _conv1x1_kernel()
+    kernel = triton_kernels("conv1x1_relax")
     if kernel is not None and kernel.takes(g, wt, e, other, out):
         kernel.conv1x1_relax_fwd(g, wt, e, other, rate, clamp, out)
         return
