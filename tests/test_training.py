@@ -86,12 +86,32 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, rule):
     run_training(_cfg(tmp_path / "b", epochs=1, **extra), log=lambda s: None)
     resumed = run_training(_cfg(tmp_path / "b", epochs=3, resume=True, **extra), log=lambda s: None)
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    # Bitwise: the data order, augmentation and weights of a resumed run are the straight
+    # run's (CPU kernels are deterministic), so a resume cannot move a run's result.
     for a, b in zip(straight, resumed):
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
+        assert a["test_loss"] == b["test_loss"] and a["train_loss"] == b["train_loss"]
     sa = load_checkpoint(tmp_path / "a" / "run" / "checkpoint.pt")["model"]
     sb = load_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")["model"]
     for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_a_resume_with_another_cpu_thread_count_says_so(tmp_path):
+    """The thread count changes a CPU run's bits (how kernels split their sums): the metrics
+    record it, and a resume under another count says the run is no longer bit-exact."""
+    before = torch.get_num_threads()
+    lines: list[str] = []
+    try:
+        torch.set_num_threads(1)
+        rows = run_training(_cfg(tmp_path, rule="bp", epochs=1), log=lambda s: None)
+        assert rows[0]["cpu_threads"] == 1
+        torch.set_num_threads(2)
+        rows = run_training(_cfg(tmp_path, rule="bp", epochs=2, resume=True), log=lines.append)
+    finally:
+        torch.set_num_threads(before)
+    assert [r["cpu_threads"] for r in rows] == [1, 2]
+    assert any("trained with 1 CPU threads, this process has 2" in s
+               and "OMP_NUM_THREADS=1" in s for s in lines), lines
 
 
 def test_resume_drops_metrics_written_after_the_last_checkpoint(tmp_path):
@@ -141,6 +161,27 @@ def test_the_cli_reports_divergence_in_one_line_and_exits_nonzero(tmp_path, monk
                  "--out-dir", str(tmp_path / "cli")])
     assert code == 3
     assert "training diverged" in capsys.readouterr().err
+
+
+def test_the_same_run_in_two_fresh_processes_is_bitwise_the_same(tmp_path):
+    """Same seed, same code: a second process reproduces a run exactly (init, data order,
+    augmentation, every weight), so two runs of one command differ only if the code did."""
+    def run(out, seed=3):
+        subprocess.run([sys.executable, "-m", "pcfast", "train", "--model", "cnn",
+                        "--model-kwargs", '{"spec": [8, "p", 16, "p"]}', "--synthetic", "--train-subset",
+                        "256", "--test-subset", "128", "--batch-size", "64", "--augment",
+                        "flip-crop", "--preprocess", "channel", "--rule", "pc", "--T", "3",
+                        "--epochs", "2", "--seed", str(seed), "--no-progress", "--out-dir", str(out)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rows = read_metrics(out / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if "second" not in k and "per_s" not in k}
+                for r in rows], load_checkpoint(out / "checkpoint.pt")["model"]
+
+    (rows_a, model_a), (rows_b, model_b) = run(tmp_path / "a"), run(tmp_path / "b")
+    assert len(rows_a) == 2 and rows_a == rows_b
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    rows_c, model_c = run(tmp_path / "c", seed=4)  # the comparison tells two seeds apart
+    assert rows_c != rows_a and not all(torch.equal(model_a[k], model_c[k]) for k in model_a)
 
 
 def test_a_killed_run_resumes_and_continues_its_metrics(tmp_path):

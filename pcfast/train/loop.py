@@ -42,6 +42,14 @@ CPU_PC_STEP_SECONDS_PER_256 = {"resdualnet": 1.0}
 SLOW_EPOCH_SECONDS = 600.0  # a CPU estimate above this gets a line pointing to --preset demo
 
 
+def cpu_threads_note(old: int, new: int) -> str:
+    """The line a CPU resume prints when the checkpoint was written with another thread count."""
+    return (f"--resume: the checkpoint was trained with {old} CPU threads, this process has "
+            f"{new}. The run continues, but not bit for bit as an uninterrupted {old}-thread run "
+            f"would (CPU kernels split their sums by thread count); for that, run with "
+            f"OMP_NUM_THREADS={old}.")
+
+
 def estimate_cpu_epoch_seconds(cfg: TrainConfig, batches: int) -> float | None:
     """Estimated seconds per training epoch of a PC run on the CPU, or None without a figure.
 
@@ -170,6 +178,7 @@ class _Run:
             "schedule": self.schedule.state_dict(),
             "rule": self.rule.state_dict() if hasattr(self.rule, "state_dict") else {},
             "world_size": self.dist.world_size,
+            "cpu_threads": torch.get_num_threads(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
         }
@@ -200,6 +209,9 @@ class _Run:
         if ckpt.get("world_size", 1) != self.dist.world_size:
             self.log(pdist.world_size_note(ckpt.get("world_size", 1), self.dist.world_size,
                                            self.cfg))
+        threads = ckpt.get("cpu_threads")
+        if self.device.type == "cpu" and threads not in (None, torch.get_num_threads()):
+            self.log(cpu_threads_note(threads, torch.get_num_threads()))
         self.log(f"Resuming {self.out} after epoch {ckpt['epoch'] + 1} (step {self.step}).")
 
     # ---------------------------------------------------------------------- epochs
@@ -270,6 +282,7 @@ class _Run:
             "test_acc_per_class": test["acc_per_class"],
             "epoch_seconds": train["seconds"],
             "images_per_s": train["images"] / max(train["seconds"], 1e-9),
+            "cpu_threads": torch.get_num_threads(),
         }
         for k, v in train.items():
             if k not in ("loss", "accuracy", "seconds", "images"):
