@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "resnet18): the nets to train")
     exp.add_argument("--rules", nargs="+", default=None,
                      help="pc-vs-bp (bp fpa strict) and deep-pc (bp fpa strict ipc epc "
-                          "precision): train only these rules (default: all)")
+                          "precision), seed-gap (bp pc): train only these rules (default: all)")
     exp.add_argument("--seeds", type=int, default=None, metavar="N",
                      help="pc-vs-bp: seeds per net and rule, --seed, --seed + 1, ... (2)")
     exp.add_argument("--device", default="auto")

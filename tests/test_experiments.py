@@ -45,10 +45,11 @@ RUNS = {
                  for rule in ("bp", "fpa", "strict") for seed in (0, 1)],
     "deep-pc": [f"{net}-{rule}" for net in ("resdualnet", "resnet18")
                 for rule in ("bp", "fpa", "strict", "ipc", "epc", "precision")],
+    "seed-gap": ["bp", "pc"],
 }
 PLOTS = {"resnet-depth": "degradation.png", "preprocessing": "curves.png",
          "model-zoo": "curves.png", "resnet18-34": "curves.png", "pc-vs-bp": "curves.png",
-         "deep-pc": "curves.png"}
+         "deep-pc": "curves.png", "seed-gap": "curves.png"}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
@@ -83,6 +84,15 @@ def test_quick_experiment_end_to_end(name, tmp_path):
         assert configs["resdualnet-ipc"]["ipc"] and not configs["resdualnet-ipc"]["fpa"]
         assert configs["resdualnet-precision"]["precision"] == {"*": {"decaying": [4.0, 0.5]}}
         assert "| resnet18-epc | PC ePC jacobi T=3 rate 0.001 |" in summary
+    if name == "seed-gap":  # the seed's recipe, PC with the demo's inference
+        configs = {r: json.loads((tmp_path / r / "config.json").read_text()) for r in RUNS[name]}
+        assert (configs["bp"]["preset"], configs["bp"]["rule"], configs["bp"]["init"]) == (
+            "seed-bp", "bp", "seed")
+        pc = configs["pc"]
+        assert (pc["preset"], pc["init"], pc["fpa"], pc["schedule"], pc["T"], pc["rate"]) == (
+            "seed-pc", "seed", True, "sequential", 2, 0.5)
+        assert pc["milestones"] == [10, 20] and pc["lr"] == 0.01  # 25 epochs: the seed's own
+        assert "| 87.85 % (BP, same net) |" in summary
     if name == "model-zoo":
         assert "| 1,132,170 |" in summary  # MLP-Mixer p4 C128 N8 D_S 64 D_C 512, by hand:
         # patch 3*4*4*128+128 + 8 * (4*128 + 64*64*2+64+64 + 128*512*2+512+128) + 256 + 1290
@@ -150,6 +160,19 @@ def test_report_helpers():
         final_metrics([])
     with pytest.raises(ValueError, match="2 cells"):
         markdown_table(["a", "b"], [["x"]])
+
+
+def test_seed_gap_scales_the_seeds_milestones_with_the_epochs(tmp_path):
+    from pcfast.experiments.seed_gap import scaled_milestones
+
+    assert scaled_milestones(25) == (10, 20)  # the seed's schedule
+    assert scaled_milestones(10) == (4, 8)
+    assert scaled_milestones(2) == (1,)  # 0.4 x 2 rounds to 1; 0.8 x 2 would be the end
+    assert scaled_milestones(1) == ()
+    load_all()["seed-gap"].fn(_args(tmp_path, epochs=10, iterations=2, rules=["pc"]))
+    config = json.loads((tmp_path / "pc" / "config.json").read_text())
+    assert config["milestones"] == [4, 8] and not (tmp_path / "bp").exists()
+    assert "after epochs 4, 8" in (tmp_path / "summary.md").read_text()
 
 
 def test_pc_vs_bp_gap_is_mean_and_half_range_over_seeds():

@@ -22,7 +22,8 @@ class Experiment:
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
-_MODULES = ("resnet_depth", "preprocessing", "model_zoo", "resnet18_34", "dtp", "pc_vs_bp", "deep_pc")
+_MODULES = ("resnet_depth", "preprocessing", "model_zoo", "resnet18_34", "dtp", "pc_vs_bp", "deep_pc",
+            "seed_gap")
 
 
 def register_experiment(name: str, fn: Callable, help: str) -> None:
