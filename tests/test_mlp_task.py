@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pcfast.pc import PCEngine, sequential_graph
 
@@ -26,6 +27,7 @@ from bench.mlp_task import (  # noqa: E402
     EngineLoop,
     flat_params,
     floor_strict_grads,
+    gram_strict_grads,
     hand_fpa_grads,
     hand_ipc_step,
     hand_strict_grads,
@@ -67,6 +69,21 @@ def test_hand_written_loop_equals_reference_engine(math_, sizes, T, rate):
     for h, e in zip(hand, engine):
         torch.testing.assert_close(h, e, rtol=1e-10, atol=1e-13)
     assert all(g.abs().sum() > 0 for g in hand)  # every layer received an error
+
+
+@pytest.mark.parametrize(("sizes", "T", "rate"), [
+    ((784, 256, 256, 10), 20, 0.1), (SMALL, 7, 0.35), ((20, 16, 16, 16, 5), 4, 0.6),
+    ((20, 16, 5), 3, 0.5),  # one hidden node: its child is the output
+])
+def test_gram_restructured_strict_loop_equals_the_straight_one(sizes, T, rate):
+    layers = make_layers(sizes, seed=2, dtype=torch.float64)
+    x, y = _batch(sizes)
+    with torch.no_grad():
+        params = flat_params(layers)
+        gram, straight = gram_strict_grads(params, x, y, T, rate), hand_strict_grads(
+            params, x, y, T, rate)
+    for a, b in zip(gram, straight):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
 def test_strict_and_fpa_differ_so_the_check_can_fail():
@@ -117,27 +134,54 @@ def test_fpa_rate_one_is_backprop_of_the_squared_error():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
 
 
+class _Ops(TorchDispatchMode):
+    """Records ``(op name, input shapes)`` of every dispatched op."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        self.ops.append((str(func).split(".")[1], shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def _matmul_macs(ops) -> int:
+    """Multiply-adds of the recorded ``mm`` / ``addmm`` calls."""
+    total = 0
+    for name, shapes in ops:
+        if name in ("mm", "addmm"):
+            (m, k), (_, n) = shapes[-2:]
+            total += m * k * n
+    return total
+
+
+def test_gram_row_does_a_third_less_matmul_work_at_the_benchmark_shapes():
+    """What the gram row is for: at 784-256-256-10, batch 128, T=20 it drops one of the two big
+    matmuls per step: 40 batch matmuls through the 256 x 256 layer become 20, for the Gram
+    matrix (worth 2) and ``c`` and the final ``e_1`` (1 each) once per batch."""
+    params = flat_params(make_layers(seed=0))
+    x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
+    macs = {}
+    for name, fn in (("hand", hand_strict_grads), ("gram", gram_strict_grads)):
+        with torch.no_grad(), _Ops() as mode:
+            fn(params, x, y, 20, 0.1)
+        macs[name] = _matmul_macs(mode.ops)
+    big = 128 * 256 * 256  # one batch matmul through the 256 x 256 layer
+    assert macs["hand"] - macs["gram"] == 16 * big
+    assert macs["gram"] < 0.75 * macs["hand"]
+
+
 def test_floor_row_dispatches_the_strict_loops_matmuls_and_tanh_and_little_else():
     """The floor row is a lower bound only if it runs every matmul and tanh of the hand-written
     strict loop, on the same shapes, and none of its error arithmetic."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-            self.ops.append((str(func).split(".")[1], shapes))
-            return func(*args, **(kwargs or {}))
-
     heavy = {"mm", "addmm", "tanh"}
     params = flat_params(make_layers((12, 9, 7, 5), seed=0))
     x, y = torch.randn(6, 12), torch.randint(0, 5, (6,))
     counted = {}
     for name, fn in (("hand", hand_strict_grads), ("floor", floor_strict_grads)):
-        with torch.no_grad(), Ops() as mode:
+        with torch.no_grad(), _Ops() as mode:
             grads = fn(params, x, y, 3, 0.1)
         counted[name] = mode.ops
         assert [g.shape for g in grads] == [p.shape for p in params]
@@ -150,7 +194,8 @@ def test_floor_row_dispatches_the_strict_loops_matmuls_and_tanh_and_little_else(
 def test_benchmark_rows_run_and_report(monkeypatch, tmp_path):
     rows = ["pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-reference",
             "pcfast-fpa-fast", "pcfast-ipc-reference", "pcfast-epc-reference",
-            "hand-strict-eager", "hand-fpa-eager", "hand-ipc-eager", "hand-epc-eager"]
+            "hand-strict-eager", "hand-fpa-eager", "hand-ipc-eager", "hand-epc-eager",
+            "hand-strict-gram-eager"]
     results = run(rows, torch.device("cpu"), T=2, batch_size=4, rate=0.1, lr=1e-3, warmup=1, n=1,
                   repeats=2)
     by = {r["row"]: r for r in results}
@@ -163,6 +208,9 @@ def test_benchmark_rows_run_and_report(monkeypatch, tmp_path):
         assert r["status"] == "ok" and len(r["repeats_ms"]) == 2
         assert r["ms_per_batch"] == min(r["repeats_ms"]) > 0
     assert by["hand-fpa-eager"]["x_hand_eager"] == 1.0
+    assert by["hand-strict-eager"]["x_hand_eager"] == 1.0  # the baseline, not the gram row
+    assert by["hand-strict-gram-eager"]["x_hand_eager"] == pytest.approx(
+        by["hand-strict-gram-eager"]["ms_per_batch"] / by["hand-strict-eager"]["ms_per_batch"])
     assert by["hand-ipc-eager"]["x_hand_eager"] == 1.0 and by["pcfast-ipc-reference"]["math"] == "ipc"
     assert by["pcfast-fpa-reference"]["backend_ran"] == "reference"
 
