@@ -246,8 +246,8 @@ def gram_strict_grads(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.
     c = torch.addmm(bs[1], mu1, W1.t())
     s = torch.zeros_like(c)
     g2_sum = torch.zeros_like(c)
+    v[1] = None  # not needed until the end: its child reads a_2 = c + s
     for _ in range(T):
-        v[1] = None  # not needed until the end: its child reads a_2 = c + s
         a = [None, None, c + s] + [torch.addmm(bs[l], v[l], Ws[l].t()) for l in range(2, L)]
         mu = [None, mu1] + [torch.tanh(a[l]) for l in range(2, L + 1)]
         eps = [None, None] + [v[l] - mu[l] for l in range(2, L + 1)]

@@ -27,7 +27,6 @@ the mean inference steps).
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from pcfast.experiments import register_experiment
 from pcfast.experiments.report import (
     final_metrics,
     markdown_table,
+    median_epoch_seconds,
     pct,
     plot_error_panels,
     write_summary,
@@ -107,11 +107,10 @@ def report(args: Any, results: dict[str, list[dict[str, Any]]], out: Path) -> No
     table = []
     for name, rows in results.items():
         m = final_metrics(rows)
-        times = [r["epoch_seconds"] for r in rows if r.get("epoch_seconds") is not None]
         table.append([name, describe(rows_options(args, name)), m["epochs"],
                       pct(m["final_train_error"]), pct(m["test_acc"]),
                       pct(1 - m["best_test_error"]),
-                      f"{statistics.median(times):.1f}" if times else "—"])
+                      median_epoch_seconds(rows)])
     sections = [
         f"Preset `{PRESET}` for every run (Adam 1e-3, batch 128, flip + crop, per-channel "
         "normalisation).",

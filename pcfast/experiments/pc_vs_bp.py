@@ -27,6 +27,7 @@ from pcfast.experiments.model_zoo import ZOO
 from pcfast.experiments.report import (
     final_metrics,
     markdown_table,
+    median_epoch_seconds,
     pct,
     plot_error_panels,
     write_summary,
@@ -59,11 +60,6 @@ def rule_options(net: str) -> dict[str, dict[str, Any]]:
         "fpa": dict(rule="pc", fpa=True, schedule="jacobi", rate=0.5, T=3 * graph_depth(net)),
         "strict": dict(rule="pc", fpa=False, schedule="sequential", rate=0.5, T=3),
     }
-
-
-def _median_epoch_seconds(rows: list[dict[str, Any]]) -> float | None:
-    times = [r["epoch_seconds"] for r in rows if r.get("epoch_seconds") is not None]
-    return statistics.median(times) if times else None
 
 
 def gap_rows(results: dict[str, list[dict[str, Any]]], nets, seeds) -> list[list[Any]]:
@@ -125,9 +121,8 @@ def report(out, results: dict[str, list[dict[str, Any]]], nets, seeds) -> None:
         o = settings[name]
         rule = "BP" if o["rule"] == "bp" else (
             f"PC {'FPA' if o['fpa'] else 'strict'} {o['schedule']} T={o['T']} rate {o['rate']}")
-        sec = _median_epoch_seconds(rows)
         table.append([name, rule, m["epochs"], pct(m["final_train_error"]), pct(m["test_acc"]),
-                      pct(1 - m["best_test_error"]), "—" if sec is None else f"{sec:.1f}"])
+                      pct(1 - m["best_test_error"]), median_epoch_seconds(rows)])
     sections = [
         f"Preset `{PRESET}` for every run (Adam 1e-3, batch 128, flip + crop, per-channel "
         "normalisation); seeds " + ", ".join(map(str, seeds)) + ".",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,12 @@ def final_metrics(rows: Rows) -> dict[str, Any]:
         "final_val_error": None if val is None else 1 - val,
         "test_acc": last.get("test_acc"),
     }
+
+
+def median_epoch_seconds(rows: Rows) -> str:
+    """The median of the rows' ``epoch_seconds`` as a table cell (``"—"`` without any)."""
+    times = [r["epoch_seconds"] for r in rows if r.get("epoch_seconds") is not None]
+    return f"{statistics.median(times):.1f}" if times else "—"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

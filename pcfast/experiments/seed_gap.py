@@ -20,7 +20,6 @@ seed's net can be measured on a CPU:
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from pcfast.experiments import register_experiment
 from pcfast.experiments.report import (
     final_metrics,
     markdown_table,
+    median_epoch_seconds,
     pct,
     plot_error_panels,
     write_summary,
@@ -36,7 +36,7 @@ from pcfast.experiments.runner import chosen_rules, run_dir, train_run
 from pcfast.train.presets import PRESETS
 
 NAME = "seed-gap"
-SEED_EPOCHS = 25
+SEED_EPOCHS = PRESETS["seed-pc"]["epochs"]  # 25, milestones (10, 20): the seed's schedule
 RULES: dict[str, tuple[str, dict[str, Any]]] = {
     "bp": ("seed-bp", {}),
     "pc": ("seed-pc", dict(schedule="sequential", T=2, rate=0.5)),
@@ -48,7 +48,7 @@ SEED_FIGURES = {"bp": "87.85 % (BP, same net)", "pc": "86.50 % final / 86.96 % b
 def scaled_milestones(epochs: int) -> tuple[int, ...]:
     """The seed's milestones (10 and 20 of 25 epochs) at the same fractions of ``epochs``; the
     ones that would fall on epoch 0 or at/after the end are left out."""
-    steps = (round(0.4 * epochs), round(0.8 * epochs))
+    steps = (round(m * epochs / SEED_EPOCHS) for m in PRESETS["seed-pc"]["milestones"])
     return tuple(sorted({m for m in steps if 0 < m < epochs}))
 
 
@@ -87,10 +87,9 @@ def report(args: Any, results: dict[str, list[dict[str, Any]]], out: Path) -> No
     table = []
     for label, rows in results.items():
         m = final_metrics(rows)
-        times = [r["epoch_seconds"] for r in rows if r.get("epoch_seconds") is not None]
         table.append([label, describe(label), m["epochs"], pct(m["final_train_error"]),
                       pct(m["test_acc"]), pct(1 - m["best_test_error"]),
-                      f"{statistics.median(times):.1f}" if times else "—", SEED_FIGURES[label]])
+                      median_epoch_seconds(rows), SEED_FIGURES[label]])
     epochs = epochs_of(args)
     sections = [
         f"The seed's recipe at {epochs} epochs (learning rate x0.1 after epochs "
