@@ -312,8 +312,11 @@ def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], 
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    # A step is a step of the stepped FPA relaxation (the path-length solver takes none).
-    options = {"kernels": kernels, "fpa_solver": "steps"} if path == "fast" else None
+    # A step is a step of the stepped FPA relaxation (the path-length solver takes none), and
+    # of the per-node strict steps: on the CPU a dense chain's whole strict relaxation is one
+    # op (``dense_strict_relax``), which CUDA does not run and whose steps no count can split.
+    options = ({"kernels": kernels, "fpa_solver": "steps", "dense_chain": "off"}
+               if path == "fast" else None)
     counts = [_count_batch(make_graph, make_batch, batch, expand, T=T, rate=rate,
                            schedule=schedule, backend=path, backend_options=options,
                            fpa=mode == "fpa", epc=mode == "epc")

@@ -10,32 +10,37 @@ interleaved so that load from other jobs falls on every row alike.
 
 Rows (all in one run, same device, same initial weights, same batches):
 
-===========================  ==============================================================
-``pcfast-strict-reference``  ``PCEngine(fpa=False, backend="reference")``: strict PC
-``pcfast-strict-fast``       ``PCEngine(fpa=False, backend="fast")``: strict PC on explicit
-                             VJP rules
-``pcfast-fpa-fast``          ``PCEngine(fpa=True, backend="fast")``: the T steps solved by
-                             path length (``fpa_solver="auto"``: one VJP per layer, whatever T)
-``pcfast-fpa-fast-steps``    the same taking the T steps (``fpa_solver="steps"``)
-``pcfast-fpa-reference``     ``PCEngine(fpa=True, backend="reference")``
-``hand-strict-eager``        :func:`hand_strict_grads`, closed-form gradients, eager
-``hand-strict-compile``      the same under ``torch.compile`` (the reason is recorded if it
-                             cannot compile here)
-``hand-fpa-eager``           :func:`hand_fpa_grads`, eager
-``hand-fpa-compile``         the same under ``torch.compile``
-``pcfast-ipc-reference``     ``PCEngine(fpa=False, ipc=True)``: incremental PC, one Adam step
-                             per inference step (T per batch)
-``pcfast-ipc-fast``          the same with ``backend="fast"``
-``hand-ipc-eager``           :func:`hand_ipc_step`, closed-form iPC, eager
-``pcfast-epc-reference``     ``PCEngine(fpa=False, epc=True)``: error-based PC
-``pcfast-epc-fast``          the same with ``backend="fast"``
-``hand-epc-eager``           :func:`hand_epc_grads`, closed-form ePC, eager
-``floor-strict-eager``       NOT PC: :func:`floor_strict_grads`, only the matmuls, tanh and
-                             the Adam step of a strict batch (a lower bound, same optimizer)
-``hand-strict-gram-eager``   :func:`gram_strict_grads`: the hand-written strict loop with the
-                             first hidden node carried by a Gram matrix (one big matmul per
-                             step fewer; a bound on restructuring the math)
-===========================  ==============================================================
+=================================  ==============================================================
+``pcfast-strict-reference``        ``PCEngine(fpa=False, backend="reference")``: strict PC
+``pcfast-strict-fast``             ``PCEngine(fpa=False, backend="fast")``: strict PC, on the CPU
+                                   the T steps as one op (``dense_strict_relax``; the first hidden
+                                   node carried by its Gram matrix, which saves matmuls here)
+``pcfast-strict-fast-straight``    the same op without the Gram matrix (the hand-written loop's
+                                   matmuls: ``backend_options={"dense_chain": "straight"}``)
+``pcfast-strict-fast-nodes``       the fast backend's per-node steps on explicit VJP rules
+                                   (``{"dense_chain": "off"}``)
+``pcfast-fpa-fast``                ``PCEngine(fpa=True, backend="fast")``: the T steps solved by
+                                   path length (``fpa_solver="auto"``: one VJP per layer, whatever T)
+``pcfast-fpa-fast-steps``          the same taking the T steps (``fpa_solver="steps"``)
+``pcfast-fpa-reference``           ``PCEngine(fpa=True, backend="reference")``
+``hand-strict-eager``              :func:`hand_strict_grads`, closed-form gradients, eager
+``hand-strict-compile``            the same under ``torch.compile`` (the reason is recorded if it
+                                   cannot compile here)
+``hand-fpa-eager``                 :func:`hand_fpa_grads`, eager
+``hand-fpa-compile``               the same under ``torch.compile``
+``pcfast-ipc-reference``           ``PCEngine(fpa=False, ipc=True)``: incremental PC, one Adam step
+                                   per inference step (T per batch)
+``pcfast-ipc-fast``                the same with ``backend="fast"``
+``hand-ipc-eager``                 :func:`hand_ipc_step`, closed-form iPC, eager
+``pcfast-epc-reference``           ``PCEngine(fpa=False, epc=True)``: error-based PC
+``pcfast-epc-fast``                the same with ``backend="fast"``
+``hand-epc-eager``                 :func:`hand_epc_grads`, closed-form ePC, eager
+``floor-strict-eager``             NOT PC: :func:`floor_strict_grads`, only the matmuls, tanh and
+                                   the Adam step of a strict batch (a lower bound, same optimizer)
+``hand-strict-gram-eager``         :func:`gram_strict_grads`: the hand-written strict loop with the
+                                   first hidden node carried by a Gram matrix (one big matmul per
+                                   step fewer; a bound on restructuring the math)
+=================================  ==============================================================
 
 The ratio column is each row's time over the hand-written EAGER loop of the same math (strict,
 FPA, iPC or ePC). The hand-written loops implement exactly the engine's math (``tests/test_mlp_task.py``
@@ -80,7 +85,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, print_table, write_result  # noqa: E402
 from pcfast.pc import PCEngine, sequential_graph  # noqa: E402
 
-ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-fpa-fast", "pcfast-fpa-fast-steps",
+ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-strict-fast-straight",
+        "pcfast-strict-fast-nodes", "pcfast-fpa-fast", "pcfast-fpa-fast-steps",
         "pcfast-fpa-reference",
         "pcfast-ipc-reference", "pcfast-ipc-fast", "pcfast-epc-reference", "pcfast-epc-fast",
         "hand-strict-eager",
@@ -380,6 +386,10 @@ def build_row(row: str, layers: Sequence[nn.Module], T: int, rate: float, lr: fl
     if row.endswith("-steps"):  # the fast backend taking FPA's T steps one by one
         return EngineLoop(layers, row_math(row), backend="fast", T=T, rate=rate, lr=lr,
                           options={"fpa_solver": "steps"})
+    if row.endswith(("-straight", "-nodes")):  # strict PC's dense-chain op without Gram / off
+        chain = "straight" if row.endswith("-straight") else "off"
+        return EngineLoop(layers, row_math(row), backend="fast", T=T, rate=rate, lr=lr,
+                          options={"dense_chain": chain})
     return EngineLoop(layers, row_math(row), backend=row.rsplit("-", 1)[1], T=T, rate=rate,
                       lr=lr)
 

@@ -50,9 +50,10 @@ def test_inference_stops_where_the_energy_settles(mode, schedule, tol, every, ba
     if steps >= 2 * every:
         assert change(steps - every) > tol
     stopped = _grads(graph)
-    # The same solver (a fixed T would otherwise take the FPA path-length solver: equal up
-    # to rounding, tests/test_fpa_levels.py).
-    options = {"fpa_solver": "steps"} if backend == "fast" else None
+    # The same solver (a fixed T would otherwise take the FPA path-length solver, and strict
+    # PC on this MLP the dense-chain op: equal up to rounding, tests/test_fpa_levels.py and
+    # tests/test_dense_strict_op.py).
+    options = {"fpa_solver": "steps", "dense_chain": "off"} if backend == "fast" else None
     PCEngine(graph, T=steps, rate=0.1, schedule=schedule, backend=backend,
              backend_options=options, **MODES[mode]).compute_gradients(x, y)
     for a, b in zip(stopped, _grads(graph)):

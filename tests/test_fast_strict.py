@@ -237,7 +237,8 @@ def test_sequential_sweep_predicts_each_node_once_on_a_chain(monkeypatch):
               nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 4)]
     graph = sequential_graph(layers, ["a", "b", "c", "out"])
     x, y = torch.randn(7, 5), torch.randint(0, 4, (7,))
-    engine = PCEngine(graph, T=3, rate=0.3, fpa=False, schedule="sequential", backend="fast")
+    engine = PCEngine(graph, T=3, rate=0.3, fpa=False, schedule="sequential", backend="fast",
+                      backend_options={"dense_chain": "off"})
     engine.compute_gradients(x, y)
     assert engine.last_backend == "fast"
     # per sweep: c and out on c's turn, b on b's, a (kept) on a's; out and c again only

@@ -7,6 +7,9 @@ Each op has backends (``ref``, ``cpu``, ``cuda``, ``triton`` where available) ch
 # Fused BatchNorm(train) + ReLU input-VJP (Triton).
 from pcfast.ops.bn_relu_vjp import bn_relu_vjp, bn_relu_vjp_ref, bn_saved_stats
 
+# Strict PC on a dense chain (an MLP), all T steps in one op (C++).
+from pcfast.ops.dense_strict import dense_strict_relax, dense_strict_relax_ref
+
 # Dual-path depthwise conv (C++/CUDA, pcfast._C).
 from pcfast.ops.dwconv import dual_path_dwconv, dual_path_dwconv_ref, summed_kernel
 
@@ -50,6 +53,8 @@ __all__ = [
     "pc_relax_ref",
     "pc_update",
     "pc_update_ref",
+    "dense_strict_relax",
+    "dense_strict_relax_ref",
     "dual_path_dwconv",
     "dual_path_dwconv_ref",
     "summed_kernel",

@@ -66,8 +66,9 @@ from pcfast.pc.energy import output_energy, output_error
 from pcfast.pc.graph import PCGraph
 from pcfast.pc.vjp_rules import KERNELS, Rule, node_forward, stored
 
-OPTIONS = ("kernels", "cuda_graph", "autocast", "fpa_solver")
+OPTIONS = ("kernels", "cuda_graph", "autocast", "fpa_solver", "dense_chain")
 FPA_SOLVERS = ("auto", "levels", "steps")
+DENSE_CHAIN = ("auto", "straight", "off")
 
 
 def sole_owner(t: torch.Tensor) -> bool:
@@ -119,6 +120,11 @@ class FastBackend(PCBackend):
             node and step; not with ``error_clamp``, ``tol`` or ``record_energy``, which step),
             ``"steps"`` takes the ``T`` steps, ``"auto"`` (default) takes levels wherever they
             apply and cost less (:func:`~.fpa_levels.solver_costs`).
+        dense_chain: strict PC on a dense chain (an MLP) on the CPU, with ``kernels="auto"``:
+            ``"auto"`` (default) runs the T steps as one op
+            (:func:`~pcfast.ops.dense_strict.dense_strict_relax`) with the first hidden value
+            carried by its Gram matrix where that takes fewer multiply-adds, ``"straight"`` the
+            same op without the Gram matrix, ``"off"`` the per-node steps (for comparisons).
 
     Example::
 
@@ -129,7 +135,8 @@ class FastBackend(PCBackend):
     name = "fast"
 
     def __init__(self, graph: PCGraph, kernels: str = "auto", cuda_graph: bool = True,
-                 autocast: bool = False, fpa_solver: str = "auto") -> None:
+                 autocast: bool = False, fpa_solver: str = "auto",
+                 dense_chain: str = "auto") -> None:
         super().__init__(graph)
         if fpa_solver not in FPA_SOLVERS:
             raise ValueError(f"backend_options: fpa_solver must be one of {FPA_SOLVERS}, got "
@@ -139,12 +146,16 @@ class FastBackend(PCBackend):
         if not isinstance(cuda_graph, bool) or not isinstance(autocast, bool):
             raise ValueError(f"backend_options: cuda_graph and autocast are booleans, got "
                              f"{cuda_graph!r} and {autocast!r}")
+        if dense_chain not in DENSE_CHAIN:
+            raise ValueError(f"backend_options: dense_chain must be one of {DENSE_CHAIN}, got "
+                             f"{dense_chain!r}")
         self.kernels = kernels
         self.cuda_graph = cuda_graph
         self.autocast = autocast
         self.fpa_solver = fpa_solver
         self.captures = CaptureCache()
-        self._strict = StrictRunner(graph, kernels)
+        self._strict = StrictRunner(graph, kernels,
+                                    dense_chain=dense_chain if kernels == "auto" else "off")
         self._buffers: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._handed: torch.Tensor | None = None  # the flat buffer the last result holds
         # settings -> (path lengths sent, coefficients) of the path-length solver, or None
@@ -173,7 +184,8 @@ class FastBackend(PCBackend):
 
     def prefers(self, x: torch.Tensor, settings: PCSettings) -> bool:
         """CUDA batches; on the CPU strict PC and ePC too, which run faster here than on the
-        reference in every case measured (``bench/mlp_task.py``: MLP strict 1.6x, ePC 1.3x;
+        reference in every case measured (``bench/mlp_task.py``: MLP strict 5.7x as one op per
+        batch, 2.5x on the per-node steps, ePC 1.8x;
         ``bench/backends_ab.py``: resnet20 strict 1.15-1.26x, ePC 1.04x), and FPA where the
         path-length solver applies (Res-DualNet, batch 64, T=10: 4.2x; the MLP of
         ``bench/mlp_task.py``: 2.1x). Stepped CPU FPA (error clamps, ``tol``, energy traces)
