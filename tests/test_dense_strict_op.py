@@ -246,3 +246,24 @@ def test_energy_decreases_along_the_op_s_steps(monkeypatch, schedule, chain_mode
     drops = [a - b for a, b in zip(energies, energies[1:])]
     assert min(drops) > 0, energies
     assert energies[0] - energies[-1] > 1e-3 * energies[0]
+
+
+@needs_kernel
+def test_frozen_layers_get_no_gradient_on_the_op_path(monkeypatch):
+    counter = _Counter(monkeypatch)
+    torch.manual_seed(0)
+    net = build_model("mlp", hidden=(12, 8), in_features=48, activation="tanh").double()
+    frozen = net.pc_graph().nodes[1].fn[0]
+    frozen.weight.requires_grad_(False)
+    nets = {b: copy.deepcopy(net) for b in ("reference", "fast")}
+    x = torch.randn(5, 48, dtype=torch.float64)
+    y = torch.randint(0, 10, (5,))
+    for backend, n in nets.items():
+        PCEngine(n.pc_graph(), backend=backend, fpa=False, T=4, rate=0.2).compute_gradients(x, y)
+    assert counter.calls == 1
+    for (name, p), q in zip(nets["reference"].named_parameters(), nets["fast"].parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert nets["fast"].pc_graph().nodes[1].fn[0].weight.grad is None

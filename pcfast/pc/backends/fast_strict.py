@@ -26,7 +26,8 @@ elementwise pass over every node, no Python between steps, and the first hidden 
 its Gram matrix where :func:`~pcfast.ops.dense_strict.gram_pays` (plain steps, unit precisions,
 no clamp, no adaptive stop or energy trace; other settings take the per-node steps below).
 
-Weight gradients (strict PC, ePC) are taken once, at the final values, with autograd. The
+Weight gradients (strict PC, ePC) are taken once, at the final values, with autograd (on a
+dense chain in closed form, ``-(g_k^T v_k) / N``, with autograd through the first node only). The
 steps run eagerly (no CUDA graph); BatchNorm running statistics move in the feedforward pass
 only.
 """
@@ -203,7 +204,7 @@ class StrictRunner:
         known = {}
         if weight_step is None and self._chain_fits(x, s):
             mu1 = self._first_prediction(x)
-            if mu1.dim() == 2:  # (N, features): every value of the chain is
+            if mu1.dim() == 2:  # (N, features), and so is every value of the chain
                 return self._run_chain(x, y, s, mu1)
             known[self.graph.nodes[0].name] = mu1.detach()
         g = self.graph
@@ -297,8 +298,9 @@ class StrictRunner:
             for k, (lin, code) in enumerate(self.chain):
                 e = errors[hidden[k + 1]] if k + 1 < len(hidden) else errors[g.output]
                 pre = _pre_activation_error(code, e, mus[k], scale)  # scale * g_k
-                _add_grad(lin.weight, torch.mm(pre.t(), values[k]))
-                if lin.bias is not None:
+                if lin.weight.requires_grad:  # frozen layers get no gradient, as with autograd
+                    _add_grad(lin.weight, torch.mm(pre.t(), values[k]))
+                if lin.bias is not None and lin.bias.requires_grad:
                     _add_grad(lin.bias, pre.sum(0))
             # Energies: sum_v 0.5 ||e_v||^2 + L(mu_out); the squared error's output error is
             # its own residual, so no second one-hot target is formed.
