@@ -314,7 +314,7 @@ def pc_step_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int], 
         raise ValueError(f"k must be >= 1, got {k}")
     # A step is a step of the stepped FPA relaxation (the path-length solver takes none), and
     # of the per-node strict steps: on the CPU a dense chain's whole strict relaxation is one
-    # op (``dense_strict_relax``), which CUDA does not run and whose steps no count can split.
+    # op (``dense_strict_relax``), which a GPU does not run and whose steps no count can split.
     options = ({"kernels": kernels, "fpa_solver": "steps", "dense_chain": "off"}
                if path == "fast" else None)
     counts = [_count_batch(make_graph, make_batch, batch, expand, T=T, rate=rate,
@@ -348,9 +348,12 @@ def relaxation_cost(make_graph: Callable[[], PCGraph], make_batch: Callable[[int
     of ``compute_gradients`` with ``fpa_solver=solver`` (``"steps"`` or ``"levels"``) at ``T``
     and the stepped solver at ``T=0`` without its zero fill of the errors (what a relaxation of
     no steps comes to): the feedforward pass, output error and weight gradients cancel."""
+    # The generic path, as a GPU runs it: on the CPU a dense chain's FPA runs in closed form
+    # (pcfast/pc/backends/dense_chain.py), whose feedforward and gradients would not cancel.
     counts = [_count_batch(make_graph, make_batch, batch, expand, T=t, rate=rate,
                            schedule=schedule, backend="fast",
-                           backend_options={"kernels": kernels, "fpa_solver": how})
+                           backend_options={"kernels": kernels, "fpa_solver": how,
+                                            "dense_chain": "off"})
               for t, how in ((T, solver), (0, "steps"))]
     base = counts[1]
     for name in ZERO_FILLS:  # T=0 relaxes to zero errors: that fill is a relaxation's own work

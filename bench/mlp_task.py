@@ -20,7 +20,11 @@ Rows (all in one run, same device, same initial weights, same batches):
 ``pcfast-strict-fast-nodes``       the fast backend's per-node steps on explicit VJP rules
                                    (``{"dense_chain": "off"}``)
 ``pcfast-fpa-fast``                ``PCEngine(fpa=True, backend="fast")``: the T steps solved by
-                                   path length (``fpa_solver="auto"``: one VJP per layer, whatever T)
+                                   path length (``fpa_solver="auto"``: one VJP per layer, whatever
+                                   T), on the CPU in closed form for this dense chain (explicit
+                                   VJPs and weight gradients, no autograd past the first layer)
+``pcfast-fpa-fast-nodes``          the same on the generic path (VJP rules, autograd weight
+                                   gradients: ``{"dense_chain": "off"}``)
 ``pcfast-fpa-fast-steps``          the same taking the T steps (``fpa_solver="steps"``)
 ``pcfast-fpa-reference``           ``PCEngine(fpa=True, backend="reference")``
 ``hand-strict-eager``              :func:`hand_strict_grads`, closed-form gradients, eager
@@ -86,7 +90,8 @@ from bench.common import environment, print_table, write_result  # noqa: E402
 from pcfast.pc import PCEngine, sequential_graph  # noqa: E402
 
 ROWS = ("pcfast-strict-reference", "pcfast-strict-fast", "pcfast-strict-fast-straight",
-        "pcfast-strict-fast-nodes", "pcfast-fpa-fast", "pcfast-fpa-fast-steps",
+        "pcfast-strict-fast-nodes", "pcfast-fpa-fast", "pcfast-fpa-fast-nodes",
+        "pcfast-fpa-fast-steps",
         "pcfast-fpa-reference",
         "pcfast-ipc-reference", "pcfast-ipc-fast", "pcfast-epc-reference", "pcfast-epc-fast",
         "hand-strict-eager",
@@ -386,7 +391,7 @@ def build_row(row: str, layers: Sequence[nn.Module], T: int, rate: float, lr: fl
     if row.endswith("-steps"):  # the fast backend taking FPA's T steps one by one
         return EngineLoop(layers, row_math(row), backend="fast", T=T, rate=rate, lr=lr,
                           options={"fpa_solver": "steps"})
-    if row.endswith(("-straight", "-nodes")):  # strict PC's dense-chain op without Gram / off
+    if row.endswith(("-straight", "-nodes")):  # the dense-chain paths without Gram / off
         chain = "straight" if row.endswith("-straight") else "off"
         return EngineLoop(layers, row_math(row), backend="fast", T=T, rate=rate, lr=lr,
                           options={"dense_chain": chain})

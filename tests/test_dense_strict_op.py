@@ -1,9 +1,9 @@
-"""Strict PC on a dense chain as one op (``pcfast::dense_strict_relax``) and its use by the fast
-backend.
+"""PC on a dense chain (an MLP): strict PC as one op (``pcfast::dense_strict_relax``) and FPA in
+closed form, as the fast backend runs them on the CPU.
 
 Oracles: the op's PyTorch reference (straight steps, float64) for the C++ kernel; the reference
-backend (autograd over the whole energy) for the engine, whose strict PC on an MLP now runs the
-op; the op's Gram-matrix form must equal the straight steps up to rounding.
+backend (autograd over the whole energy, stepped) for the engine; the op's Gram-matrix form must
+equal the straight steps up to rounding.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pcfast.ops.dense_strict import (
     gram_pays,
 )
 from pcfast.pc import PCEngine, sequential_graph
-from pcfast.pc.backends import fast_strict
-from pcfast.pc.backends.fast_strict import find_dense_chain
+from pcfast.pc.backends import dense_chain
+from pcfast.pc.backends.dense_chain import DenseChain, find_dense_chain
 
 needs_kernel = pytest.mark.skipif(not _ext.has_kernel("dense_strict_relax_cpu", "cpu"),
                                   reason="pcfast._C is not built")
@@ -152,13 +152,13 @@ def test_dense_chain_detection():
 class _Counter:
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = fast_strict.dense_strict_relax
+        original = dense_chain.dense_strict_relax
 
         def counting(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(fast_strict, "dense_strict_relax", counting)
+        monkeypatch.setattr(dense_chain, "dense_strict_relax", counting)
 
 
 @needs_kernel
@@ -267,3 +267,79 @@ def test_frozen_layers_get_no_gradient_on_the_op_path(monkeypatch):
         else:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
     assert nets["fast"].pc_graph().nodes[1].fn[0].weight.grad is None
+
+
+class _FpaCounter:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = DenseChain.fpa
+
+        def counting(chain, *args, **kwargs):
+            self.calls += 1
+            return original(chain, *args, **kwargs)
+
+        monkeypatch.setattr(DenseChain, "fpa", counting)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
+@pytest.mark.parametrize("kw", [dict(T=8, rate=0.3), dict(T=8, rate=0.3, schedule="sequential"),
+                                dict(T=2, rate=0.5), dict(T=6, rate=0.2, state_momentum=0.5,
+                                                          state_nesterov=True),
+                                dict(T=5, rate=0.3, output_loss="mse")],
+                         ids=["jacobi", "sequential", "T-below-depth", "nesterov", "mse"])
+def test_fpa_in_closed_form_equals_the_stepped_reference(monkeypatch, activation, kw):
+    """Three batches with SGD steps between, float64: the closed form (one VJP per node, weight
+    gradients without autograd) against the reference backend's T steps. ``T=2`` on three hidden
+    nodes leaves the first one's error at zero (jacobi: no path of three edges in two steps)."""
+    counter = _FpaCounter(monkeypatch)
+    torch.manual_seed(0)
+    if activation == "sigmoid":
+        net = nn.Sequential(nn.Sequential(nn.Flatten(), nn.Linear(48, 12), nn.Sigmoid()),
+                            nn.Sequential(nn.Linear(12, 8), nn.Sigmoid()),
+                            nn.Sequential(nn.Linear(8, 9), nn.Sigmoid()), nn.Linear(9, 10))
+        graph_of = lambda n: sequential_graph(list(n))  # noqa: E731
+    else:
+        net = build_model("mlp", hidden=(12, 8, 9), in_features=48, activation=activation)
+        graph_of = lambda n: n.pc_graph()  # noqa: E731
+    net = net.double()
+    nets = {b: copy.deepcopy(net) for b in ("reference", "fast")}
+    # T=2 on four nodes: stepping costs less than the closed form, which "levels" forces
+    options = {"fpa_solver": "levels"} if kw["T"] == 2 else None
+    engines = {"reference": PCEngine(graph_of(nets["reference"]), backend="reference", fpa=True,
+                                     **kw),
+               "fast": PCEngine(graph_of(nets["fast"]), backend="fast", fpa=True,
+                                backend_options=options, **kw)}
+    opts = {b: torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.5) for b, n in nets.items()}
+    g = torch.Generator().manual_seed(5)
+    for i in range(3):
+        x = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 10, (6,), generator=g)
+        r = {b: engines[b].step(x, y, opts[b]) for b in engines}
+        assert engines["fast"].last_backend == "fast"
+        for name, e in r["reference"].errors.items():
+            torch.testing.assert_close(r["fast"].errors[name], e, rtol=1e-9, atol=1e-12,
+                                       msg=f"batch {i} error {name}")
+        torch.testing.assert_close(r["fast"].energy, r["reference"].energy, rtol=1e-10, atol=0)
+        for (name, p), q in zip(nets["reference"].named_parameters(), nets["fast"].parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12,
+                                       msg=f"batch {i} grad {name}")
+    assert counter.calls == 3
+    first = r["reference"].errors[graph_of(nets["reference"]).hidden[0]]
+    if kw["T"] == 2:
+        assert torch.count_nonzero(first) == 0
+    else:
+        assert first.abs().max() > 1e-6
+
+
+def test_fpa_steps_and_off_take_the_generic_path(monkeypatch):
+    counter = _FpaCounter(monkeypatch)
+    torch.manual_seed(0)
+    net = build_model("mlp", hidden=(12, 8), in_features=48, activation="tanh")
+    x, y = torch.randn(5, 48), torch.randint(0, 10, (5,))
+    for options in ({"fpa_solver": "steps"}, {"dense_chain": "off"}):
+        PCEngine(net.pc_graph(), backend="fast", T=5, backend_options=options
+                 ).compute_gradients(x, y)
+    PCEngine(net.pc_graph(), backend="fast", T=5, error_clamp=0.5).compute_gradients(x, y)
+    assert counter.calls == 0
+    PCEngine(net.pc_graph(), backend="fast", T=5).compute_gradients(x, y)
+    assert counter.calls == 1

@@ -226,7 +226,14 @@ class FastBackend(PCBackend):
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
         g = self.graph
-        mus, rules = self._feedforward(x)
+        known = {}
+        chain = self._strict.chain
+        if chain is not None and self._chain_fpa_fits(x, s):
+            mu1 = chain.first_prediction(x)
+            if mu1.dim() == 2:  # (N, features), and so is every value of the chain
+                return chain.fpa(x, y, s, mu1)
+            known[g.nodes[0].name] = mu1
+        mus, rules = self._feedforward(x, known)
         logits = mus[g.output].detach().float() if self.autocast else mus[g.output].detach()
         e_out = output_error(logits, y, s.output_loss)
         base_energy = output_energy(logits, y, s.output_loss)
@@ -266,7 +273,24 @@ class FastBackend(PCBackend):
                 and all(r.capturable for r in rules.values()))
 
     # ------------------------------------------------------------------------------ setup
-    def _feedforward(self, x: torch.Tensor) -> tuple[dict, dict[str, Rule]]:
+    def _chain_fpa_fits(self, x: torch.Tensor, s: PCSettings) -> bool:
+        """Whether FPA on the dense chain runs in closed form (:mod:`.dense_chain`): on the
+        CPU, without autocast, where the path-length solver would run (plain FPA, ``fpa_solver``
+        not ``"steps"``; a chain of L nodes solves in L VJPs, stepped in about L T)."""
+        if x.device.type != "cpu" or self.autocast or x.dtype not in (torch.float32,
+                                                                      torch.float64):
+            return False
+        if self.fpa_solver == "steps" or not levels_apply(s):
+            return False
+        L = len(self.graph.nodes) - 1
+        first = s.schedule == "jacobi" and not s.state_momentum and s.T > 0
+        stepped = L * s.T - (L - 1 if first else 0)
+        return self.fpa_solver == "levels" or stepped > 1.5 * L  # solver_costs on a chain
+
+    def _feedforward(self, x: torch.Tensor,
+                     known: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict[str, Rule]]:
+        """Every node's prediction (recorded by autograd) and the senders' rules; ``known``
+        holds predictions already made (of nodes fed by the input alone)."""
         g = self.graph
         ctx = (torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast
                else contextlib.nullcontext())
@@ -279,6 +303,8 @@ class FastBackend(PCBackend):
                 needs = [p != g.input_name for p in node.parents]
                 if any(needs):
                     mu, rules[node.name] = node_forward(node.fn, inputs, needs, self.kernels)
+                elif known and node.name in known:
+                    mu = known[node.name]
                 else:
                     mu = node.fn(*inputs)
                 mus[node.name] = mu

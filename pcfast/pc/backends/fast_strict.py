@@ -20,11 +20,9 @@ training mode normalises with the batch's statistics): their feedforward predict
   b_u`` with ``b_u = sum_k J_ku^T b_k = -dL/dx_u`` (``b_out = pi_out`` times the output error).
 
 On the CPU, strict PC on a dense chain (an MLP: every node after the first a ``Linear`` with an
-optional Tanh, ReLU or Sigmoid) runs its T steps as ONE op,
-:func:`~pcfast.ops.dense_strict.dense_strict_relax`: the matmuls of a step plus one fused
-elementwise pass over every node, no Python between steps, and the first hidden value carried by
-its Gram matrix where :func:`~pcfast.ops.dense_strict.gram_pays` (plain steps, unit precisions,
-no clamp, no adaptive stop or energy trace; other settings take the per-node steps below).
+optional Tanh, ReLU or Sigmoid) runs its T steps as ONE op (:mod:`.dense_chain`): plain steps,
+unit precisions, no clamp, no adaptive stop or energy trace; other settings take the per-node
+steps below.
 
 Weight gradients (strict PC, ePC) are taken once, at the final values, with autograd (on a
 dense chain in closed form, ``-(g_k^T v_k) / N``, with autograd through the first node only). The
@@ -39,13 +37,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pcfast.ops import _ext
-from pcfast.ops.dense_strict import (
-    ACTIVATIONS,
-    activation_code,
-    dense_strict_relax,
-    gram_pays,
-)
 from pcfast.ops.pc_relax import pc_relax
 from pcfast.pc.backends.base import (
     PCResult,
@@ -54,6 +45,7 @@ from pcfast.pc.backends.base import (
     make_result,
     weight_grads,
 )
+from pcfast.pc.backends.dense_chain import DenseChain, find_dense_chain
 from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, relax, summed, weighted
 from pcfast.pc.energy import frozen_running_stats, output_energy
 from pcfast.pc.graph import PCGraph
@@ -80,7 +72,8 @@ class StrictRunner:
         self.needs = {n.name: [p != g.input_name for p in n.parents] for n in self.senders}
         self.fallback = {n.name for n in self.senders if not has_rule(n.fn)}
         self.node_of = {n.name: n for n in graph.nodes}
-        self.chain = find_dense_chain(graph) if dense_chain != "off" else None
+        chain = find_dense_chain(graph) if dense_chain != "off" else None
+        self.chain = DenseChain(graph, chain) if chain is not None else None
         self.gram_allowed = dense_chain == "auto"
 
     # -------------------------------------------------------------------- predictions
@@ -203,9 +196,9 @@ class StrictRunner:
         stepped after every inference step)."""
         known = {}
         if weight_step is None and self._chain_fits(x, s):
-            mu1 = self._first_prediction(x)
+            mu1 = self.chain.first_prediction(x)
             if mu1.dim() == 2:  # (N, features), and so is every value of the chain
-                return self._run_chain(x, y, s, mu1)
+                return self.chain.strict(x, y, s, mu1, self.gram_allowed)
             known[self.graph.nodes[0].name] = mu1.detach()
         g = self.graph
         params = g.parameters()
@@ -241,9 +234,8 @@ class StrictRunner:
                                 weight_grads_too=weight_step is None)
 
     def _chain_fits(self, x: torch.Tensor, s: PCSettings) -> bool:
-        """Whether the batch runs as one :func:`dense_strict_relax` (see the module doc)."""
-        return (self.chain is not None and x.device.type == "cpu"
-                and _ext.has_kernel("dense_strict_relax_cpu", "cpu")
+        """Whether the batch runs as one strict op on the dense chain (see the module doc)."""
+        return (self.chain is not None and x.device.type == "cpu" and self.chain.kernel_built()
                 and x.dtype in (torch.float32, torch.float64) and s.state_momentum == 0
                 and s.error_clamp is None and s.tol is None and not s.record_energy
                 and self._unit_precisions(s))
@@ -255,73 +247,6 @@ class StrictRunner:
             return True
         names = [*self.graph.hidden, self.graph.output]
         return all(_unit(name, s, t) for t in range(s.T + 1) for name in names)
-
-    def _first_prediction(self, x: torch.Tensor) -> torch.Tensor:
-        """The first node's feedforward prediction, recorded by autograd where its parameters
-        train (the one pass that moves its BatchNorm statistics)."""
-        first = self.graph.nodes[0]
-        with torch.set_grad_enabled(any(p.requires_grad
-                                        for p in self.graph.node_parameters(first))):
-            return first.fn(x)
-
-    def _run_chain(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings,
-                   mu1_graph: torch.Tensor) -> PCResult:
-        """Strict PC on a dense chain from the first node's prediction ``mu1_graph`` (2-D): the
-        rest of the feedforward pass, the T steps in one op, and the weight gradients in closed
-        form (``-(g_k^T v_k) / N`` for every ``Linear`` node; autograd only through the first
-        node, from its feedforward pass)."""
-        g = self.graph
-        first, hidden = g.nodes[0], g.hidden
-        params0 = g.node_parameters(first)
-        mu1 = mu1_graph.detach()
-        ff = [mu1]
-        with torch.no_grad():
-            for lin, code in self.chain:
-                ff.append(_activate(code, F.linear(ff[-1], lin.weight, lin.bias)))
-        logits = ff[-1]
-        n = x.shape[0]
-        self._target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
-        values = [v.clone() for v in ff[:-1]]
-        linears, codes = [lin for lin, _ in self.chain], [code for _, code in self.chain]
-        gram = self.gram_allowed and gram_pays(n, [values[0].shape[1], linears[0].out_features],
-                                               s.T)
-        dense_strict_relax(mu1, [lin.weight for lin in linears], [lin.bias for lin in linears],
-                           values, self._target, codes, s.T, s.rate,
-                           sequential=s.schedule != "jacobi", ce=s.output_loss == "ce", gram=gram)
-        with torch.no_grad():
-            mus = [_activate(code, F.linear(v, lin.weight, lin.bias))
-                   for v, lin, code in zip(values, linears, codes)]
-            errors = {hidden[0]: values[0] - mu1}
-            errors.update((name, v - mu) for name, v, mu in zip(hidden[1:], values[1:], mus))
-            errors[g.output] = self._output_error(mus[-1], s)
-            scale = -1.0 / n  # the PC gradient: -(d mu / d theta)^T e over the batch
-            for k, (lin, code) in enumerate(self.chain):
-                e = errors[hidden[k + 1]] if k + 1 < len(hidden) else errors[g.output]
-                pre = _pre_activation_error(code, e, mus[k], scale)  # scale * g_k
-                if lin.weight.requires_grad:  # frozen layers get no gradient, as with autograd
-                    _add_grad(lin.weight, torch.mm(pre.t(), values[k]))
-                if lin.bias is not None and lin.bias.requires_grad:
-                    _add_grad(lin.bias, pre.sum(0))
-            # Energies: sum_v 0.5 ||e_v||^2 + L(mu_out); the squared error's output error is
-            # its own residual, so no second one-hot target is formed.
-            hidden_energy = sum(0.5 * torch.vdot(errors[h].flatten(), errors[h].flatten())
-                                for h in hidden)
-            if s.output_loss == "mse":
-                out_err = errors[g.output].flatten()
-                ff_err = (logits - self._target).flatten()
-                energy = hidden_energy + 0.5 * torch.vdot(out_err, out_err)
-                ff_loss = 0.5 * torch.vdot(ff_err, ff_err)
-            else:
-                energy = hidden_energy + output_energy(mus[-1], y, "ce")
-                ff_loss = output_energy(logits, y, "ce")
-        if mu1_graph.requires_grad:
-            trainable = [p for p in params0 if p.requires_grad]
-            grads0 = torch.autograd.grad(mu1_graph, trainable, errors[hidden[0]] * scale,
-                                         allow_unused=True)
-            for p, gr in zip(trainable, grads0):
-                if gr is not None:
-                    _add_grad(p, gr)
-        return make_result(logits, y, ff_loss, energy, errors, [], s.T)
 
     def _jacobi_step(self, values, fixed, s, steps, t) -> None:
         mus, rules = self._predict(values, fixed)
@@ -461,61 +386,6 @@ class StrictRunner:
                 if p != g.input_name and gr is not None:
                     back[p] = gr if p not in back else back[p] + gr
         return back
-
-
-def find_dense_chain(graph: PCGraph) -> list[tuple[torch.nn.Linear, int]] | None:
-    """``[(Linear, activation code)]`` of nodes ``1 .. L`` when ``graph`` is a dense chain
-    (each node fed by the one before; every node after the first a ``Linear``, alone or followed
-    by one activation :func:`~pcfast.ops.dense_strict.activation_code` knows), else None. The
-    first node may be anything: its prediction comes from the clamped input and stays fixed."""
-    nodes = graph.nodes
-    if len(nodes) < 2 or nodes[0].parents != (graph.input_name,):
-        return None
-    chain = []
-    for prev, node in zip(nodes, nodes[1:]):
-        if tuple(node.parents) != (prev.name,):
-            return None
-        parts = list(node.fn) if isinstance(node.fn, torch.nn.Sequential) else [node.fn]
-        if not 1 <= len(parts) <= 2 or type(parts[0]) is not torch.nn.Linear:
-            return None
-        code = activation_code(parts[1] if len(parts) == 2 else None)
-        if code is None:
-            return None
-        chain.append((parts[0], code))
-    return chain
-
-
-def _add_grad(p: torch.nn.Parameter, grad: torch.Tensor) -> None:
-    """``p.grad += grad`` (or set it), as :func:`~pcfast.pc.backends.base.accumulate` does with a
-    gradient already scaled."""
-    if p.grad is None:
-        p.grad = grad
-    else:
-        p.grad.add_(grad)
-
-
-def _activate(code: int, z: torch.Tensor) -> torch.Tensor:
-    """The activation of :data:`~pcfast.ops.dense_strict.ACTIVATIONS` code ``code``, in place."""
-    if code == ACTIVATIONS["tanh"]:
-        return z.tanh_()
-    if code == ACTIVATIONS["relu"]:
-        return z.relu_()
-    if code == ACTIVATIONS["sigmoid"]:
-        return z.sigmoid_()
-    return z
-
-
-def _pre_activation_error(code: int, e: torch.Tensor, mu: torch.Tensor,
-                          scale: float) -> torch.Tensor:
-    """``scale * e * act'`` (a new tensor) from the activation's output ``mu``, as the VJP rules
-    take the derivative."""
-    if code == ACTIVATIONS["tanh"]:
-        return torch.ops.aten.tanh_backward(e, mu).mul_(scale)
-    if code == ACTIVATIONS["relu"]:
-        return torch.ops.aten.threshold_backward(e, mu, 0).mul_(scale)
-    if code == ACTIVATIONS["sigmoid"]:
-        return torch.ops.aten.sigmoid_backward(e, mu).mul_(scale)
-    return e * scale
 
 
 def _unit(name: str, s: PCSettings, t: int) -> bool:
