@@ -120,11 +120,12 @@ class FastBackend(PCBackend):
             node and step; not with ``error_clamp``, ``tol`` or ``record_energy``, which step),
             ``"steps"`` takes the ``T`` steps, ``"auto"`` (default) takes levels wherever they
             apply and cost less (:func:`~.fpa_levels.solver_costs`).
-        dense_chain: strict PC on a dense chain (an MLP) on the CPU, with ``kernels="auto"``:
-            ``"auto"`` (default) runs the T steps as one op
+        dense_chain: PC on a dense chain (an MLP) on the CPU, with ``kernels="auto"``
+            (:mod:`.dense_chain`): ``"auto"`` (default) runs strict PC's T steps as one op
             (:func:`~pcfast.ops.dense_strict.dense_strict_relax`) with the first hidden value
-            carried by its Gram matrix where that takes fewer multiply-adds, ``"straight"`` the
-            same op without the Gram matrix, ``"off"`` the per-node steps (for comparisons).
+            carried by its Gram matrix where that takes fewer multiply-adds, and FPA by path
+            length in closed form; ``"straight"`` the same without the Gram matrix; ``"off"``
+            the generic per-node path (for comparisons).
 
     Example::
 
@@ -184,13 +185,12 @@ class FastBackend(PCBackend):
 
     def prefers(self, x: torch.Tensor, settings: PCSettings) -> bool:
         """CUDA batches; on the CPU strict PC and ePC too, which run faster here than on the
-        reference in every case measured (``bench/mlp_task.py``: MLP strict 5.7x as one op per
-        batch, 2.5x on the per-node steps, ePC 1.8x;
-        ``bench/backends_ab.py``: resnet20 strict 1.15-1.26x, ePC 1.04x), and FPA where the
-        path-length solver applies (Res-DualNet, batch 64, T=10: 4.2x; the MLP of
-        ``bench/mlp_task.py``: 2.1x). Stepped CPU FPA (error clamps, ``tol``, energy traces)
-        stays on the reference: faster here on conv nets (Res-DualNet 1.3-1.4x), slower on
-        small ones."""
+        reference in every case measured (``bench/mlp_task.py``: MLP strict 5.2x as one op per
+        batch, 2.4x on the per-node steps, ePC 1.8x; ``bench/backends_ab.py``: resnet20 strict
+        1.15-1.26x, ePC 1.04x), and FPA where the path-length solver applies (Res-DualNet,
+        batch 64, T=10: 4.2x; the MLP of ``bench/mlp_task.py``: 3.0x in closed form, 2.5x
+        generic). Stepped CPU FPA (error clamps, ``tol``, energy traces) stays on the
+        reference: faster here on conv nets (Res-DualNet 1.3-1.4x), slower on small ones."""
         return x.is_cuda or not settings.fpa or (self.fpa_solver != "steps"
                                                  and levels_apply(settings))
 
