@@ -29,12 +29,13 @@ the reference (the engine uses this op on the CPU only).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pcfast.ops import _ext
 
-__all__ = ["ACTIVATIONS", "activation_code", "dense_strict_relax", "dense_strict_relax_ref",
-           "gram_pays"]
+__all__ = ["ACTIVATIONS", "activate_", "activation_code", "dense_strict_relax",
+           "dense_strict_relax_ref", "gram_pays", "pre_activation_error"]
 
 # Activation codes the op takes (csrc/dense_strict_cpu.cpp).
 ACTIVATIONS = {"identity": 0, "tanh": 1, "relu": 2, "sigmoid": 3}
@@ -51,18 +52,30 @@ def activation_code(module: nn.Module | None) -> int | None:
     return None if name is None else ACTIVATIONS[name]
 
 
-def _act(code: int, z: torch.Tensor) -> torch.Tensor:
-    return (z, torch.tanh(z), torch.relu(z), torch.sigmoid(z))[code]
-
-
-def _deriv(code: int, mu: torch.Tensor) -> torch.Tensor | float:
+def activate_(code: int, z: torch.Tensor) -> torch.Tensor:
+    """``z <- act(z)`` in place for activation code ``code``; returns ``z``."""
     if code == ACTIVATIONS["tanh"]:
-        return 1 - mu * mu
+        return z.tanh_()
     if code == ACTIVATIONS["relu"]:
-        return (mu > 0).to(mu.dtype)
+        return z.relu_()
     if code == ACTIVATIONS["sigmoid"]:
-        return (1 - mu) * mu
-    return 1.0
+        return z.sigmoid_()
+    return z
+
+
+def pre_activation_error(code: int, e: torch.Tensor, mu: torch.Tensor,
+                         scale: float | None = None) -> torch.Tensor:
+    """``scale * e * act'`` (a new tensor; unscaled for None) from the activation's output
+    ``mu``, as the VJP rules take the derivative (aten's ``tanh_backward``, ...)."""
+    if code == ACTIVATIONS["tanh"]:
+        out = torch.ops.aten.tanh_backward(e, mu)
+    elif code == ACTIVATIONS["relu"]:
+        out = torch.ops.aten.threshold_backward(e, mu, 0)
+    elif code == ACTIVATIONS["sigmoid"]:
+        out = torch.ops.aten.sigmoid_backward(e, mu)
+    else:
+        return e.clone() if scale is None else e * scale
+    return out if scale is None else out.mul_(scale)
 
 
 def dense_strict_relax_ref(mu1: torch.Tensor, weights: list[torch.Tensor],
@@ -80,16 +93,12 @@ def dense_strict_relax_ref(mu1: torch.Tensor, weights: list[torch.Tensor],
     L = len(values)
 
     def predict(k: int) -> torch.Tensor:
-        z = values[k] @ weights[k].t()
-        if biases[k] is not None:
-            z = z + biases[k]
-        return _act(acts[k], z)
+        return activate_(acts[k], F.linear(values[k], weights[k], biases[k]))
 
     def child_error(k: int, mu: torch.Tensor) -> torch.Tensor:
         """g_k from node k's prediction ``mu`` at the current values."""
-        pred = torch.softmax(mu, dim=1) if ce else mu
-        e = values[k + 1] - mu if k + 1 < L else target - pred
-        return e * _deriv(acts[k], mu)
+        e = values[k + 1] - mu if k + 1 < L else target - (torch.softmax(mu, 1) if ce else mu)
+        return pre_activation_error(acts[k], e, mu)
 
     def own(j: int, mus: list[torch.Tensor]) -> torch.Tensor:
         return mu1 if j == 0 else mus[j - 1]

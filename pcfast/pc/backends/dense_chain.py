@@ -28,10 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcfast.ops import _ext
-from pcfast.ops.dense_strict import ACTIVATIONS, activation_code, dense_strict_relax, gram_pays
-from pcfast.pc.backends.base import PCResult, PCSettings, make_result
-from pcfast.pc.backends.fpa_levels import level_coefficients
-from pcfast.pc.energy import output_energy
+from pcfast.ops.dense_strict import (
+    activate_,
+    activation_code,
+    dense_strict_relax,
+    gram_pays,
+    pre_activation_error,
+)
+from pcfast.pc.backends.base import PCResult, PCSettings, hidden_energy, make_result
+from pcfast.pc.backends.fpa_levels import Plan
+from pcfast.pc.energy import output_energy, output_error
 from pcfast.pc.graph import PCGraph
 
 
@@ -63,13 +69,30 @@ class DenseChain:
     Args:
         graph: the node graph.
         chain: :func:`find_dense_chain`'s list for it.
+        gram: let strict PC carry the first hidden value by its Gram matrix where
+            :func:`~pcfast.ops.dense_strict.gram_pays`.
     """
 
-    def __init__(self, graph: PCGraph, chain: list[tuple[nn.Linear, int]]) -> None:
+    def __init__(self, graph: PCGraph, chain: list[tuple[nn.Linear, int]], gram: bool) -> None:
         self.graph = graph
         self.linears = [lin for lin, _ in chain]
         self.codes = [code for _, code in chain]
-        self._coefficients: dict[tuple, list[float]] = {}
+        self.gram = gram
+        # The fast backend's FPA plan of a chain: every node after the first sends to the one
+        # before, its only child (``FastBackend._plan``'s form).
+        self.plan: Plan = [(node.name, [(0, node.parents[0])], [node.parents[0]])
+                           for node in reversed(graph.nodes[1:])]
+
+    @classmethod
+    def of(cls, graph: PCGraph, gram: bool) -> DenseChain | None:
+        """The graph's dense chain, or None when it is not one."""
+        chain = find_dense_chain(graph)
+        return None if chain is None else cls(graph, chain, gram)
+
+    @staticmethod
+    def runs_on(x: torch.Tensor) -> bool:
+        """Whether a batch can take these paths: float32/float64 on the CPU."""
+        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
     @staticmethod
     def kernel_built() -> bool:
@@ -89,12 +112,12 @@ class DenseChain:
         ff = [mu1]
         with torch.no_grad():
             for lin, code in zip(self.linears, self.codes):
-                ff.append(_activate(code, F.linear(ff[-1], lin.weight, lin.bias)))
+                ff.append(activate_(code, F.linear(ff[-1], lin.weight, lin.bias)))
         return ff
 
     # ----------------------------------------------------------------------------- strict
-    def strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings, mu1_graph: torch.Tensor,
-               gram_allowed: bool) -> PCResult:
+    def strict(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings,
+               mu1_graph: torch.Tensor) -> PCResult:
         """Strict PC from the first node's prediction ``mu1_graph`` (2-D)."""
         g = self.graph
         hidden = g.hidden
@@ -102,64 +125,65 @@ class DenseChain:
         ff = self._feedforward(mu1)
         logits, n = ff[-1], x.shape[0]
         target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
-        values = [v.clone() for v in ff[:-1]]
-        gram = gram_allowed and gram_pays(n, [values[0].shape[1], self.linears[0].out_features],
+        # The op moves the values in place: only v_1 shares its tensor with the fixed mu_1.
+        values = [mu1.clone(), *ff[1:-1]]
+        gram = self.gram and gram_pays(n, [values[0].shape[1], self.linears[0].out_features],
                                           s.T)
         dense_strict_relax(mu1, [lin.weight for lin in self.linears],
                            [lin.bias for lin in self.linears], values, target, self.codes, s.T,
                            s.rate, sequential=s.schedule != "jacobi", ce=s.output_loss == "ce",
                            gram=gram)
         with torch.no_grad():
-            mus = [_activate(code, F.linear(v, lin.weight, lin.bias))
+            mus = [activate_(code, F.linear(v, lin.weight, lin.bias))
                    for v, lin, code in zip(values, self.linears, self.codes)]
             errors = {hidden[0]: values[0] - mu1}
             errors.update((name, v - mu) for name, v, mu in zip(hidden[1:], values[1:], mus))
             pred = torch.softmax(mus[-1], dim=1) if s.output_loss == "ce" else mus[-1]
             errors[g.output] = target - pred
             scale = -1.0 / n  # the PC gradient: -(d mu / d theta)^T e over the batch
-            pres = [_pre_activation_error(code, errors[name], mu, scale)
+            pres = [pre_activation_error(code, errors[name], mu, scale)
                     for code, name, mu in zip(self.codes, [*hidden[1:], g.output], mus)]
             self._linear_grads(pres, values)
             # Energies: sum_v 0.5 ||e_v||^2 + L(mu_out); the squared error's output error is its
             # own residual, so no second one-hot target is formed.
-            hidden_energy = sum(_half_square(errors[h]) for h in hidden)
+            e_hidden = hidden_energy(g, errors)
             if s.output_loss == "mse":
-                energy = hidden_energy + _half_square(errors[g.output])
+                energy = e_hidden + _half_square(errors[g.output])
                 ff_loss = _half_square(logits - target)
             else:
-                energy = hidden_energy + output_energy(mus[-1], y, "ce")
+                energy = e_hidden + output_energy(mus[-1], y, "ce")
                 ff_loss = output_energy(logits, y, "ce")
         self._first_grads(mu1_graph, errors[hidden[0]], scale)
         return make_result(logits, y, ff_loss, energy, errors, [], s.T)
 
     # -------------------------------------------------------------------------------- FPA
-    def fpa(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings,
-            mu1_graph: torch.Tensor) -> PCResult:
-        """FPA by path length from the first node's prediction ``mu1_graph`` (2-D); settings for
-        which :func:`~pcfast.pc.backends.fpa_levels.applies` holds."""
+    def fpa(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings, mu1_graph: torch.Tensor,
+            coef: list[float]) -> PCResult:
+        """FPA by path length from the first node's prediction ``mu1_graph`` (2-D); ``coef``:
+        ``C_k(T)`` from the fast backend's level solution of :attr:`plan` (lengths it leaves
+        out have ``C_k = 0``)."""
         g = self.graph
         hidden = g.hidden
         L = len(self.linears)
         ff = self._feedforward(mu1_graph.detach())
         logits, n = ff[-1], x.shape[0]
-        key = (s, L)
-        if key not in self._coefficients:  # one entry per settings, not per batch
-            self._coefficients = {key: level_coefficients(s, L)}
-        coef = self._coefficients[key]  # C_k(T), k = 0 .. L
         scale = -1.0 / n
+
+        def c(k: int) -> float:
+            return coef[k] if k < len(coef) else 0.0
+
         with torch.no_grad():
-            pred = torch.softmax(logits, dim=1) if s.output_loss == "ce" else logits
-            e_out = F.one_hot(y, logits.shape[1]).to(logits.dtype) - pred
+            e_out = output_error(logits, y, s.output_loss)
             errors = {g.output: e_out}
             u, pres = e_out, [None] * L
             for k in range(L - 1, -1, -1):  # linears[k] sends u down to the value hidden[k]
-                p = _pre_activation_error(self.codes[k], u, ff[k + 1])
+                p = pre_activation_error(self.codes[k], u, ff[k + 1])
                 u = p @ self.linears[k].weight  # u_k: hidden[k] sits L - k edges below the output
-                pres[k] = p.mul_(coef[L - 1 - k] * scale)  # g_k = C_{L-1-k} p, scaled
-                errors[hidden[k]] = u * coef[L - k]
+                pres[k] = p.mul_(c(L - 1 - k) * scale)  # g_k = C_{L-1-k} p, scaled
+                errors[hidden[k]] = u * c(L - k)
             self._linear_grads(pres, ff[:-1])
             base_energy = output_energy(logits, y, s.output_loss)
-            energy = base_energy + sum(_half_square(errors[h]) for h in hidden)
+            energy = base_energy + hidden_energy(g, errors)
         self._first_grads(mu1_graph, errors[hidden[0]], scale)
         return make_result(logits, y, base_energy, energy, errors, [], s.T)
 
@@ -195,29 +219,3 @@ def _add_grad(p: nn.Parameter, grad: torch.Tensor) -> None:
         p.grad = grad
     else:
         p.grad.add_(grad)
-
-
-def _activate(code: int, z: torch.Tensor) -> torch.Tensor:
-    """The activation of :data:`~pcfast.ops.dense_strict.ACTIVATIONS` code ``code``, in place."""
-    if code == ACTIVATIONS["tanh"]:
-        return z.tanh_()
-    if code == ACTIVATIONS["relu"]:
-        return z.relu_()
-    if code == ACTIVATIONS["sigmoid"]:
-        return z.sigmoid_()
-    return z
-
-
-def _pre_activation_error(code: int, e: torch.Tensor, mu: torch.Tensor,
-                          scale: float | None = None) -> torch.Tensor:
-    """``scale * e * act'`` (a new tensor; unscaled for None) from the activation's output
-    ``mu``, as the VJP rules take the derivative."""
-    if code == ACTIVATIONS["tanh"]:
-        out = torch.ops.aten.tanh_backward(e, mu)
-    elif code == ACTIVATIONS["relu"]:
-        out = torch.ops.aten.threshold_backward(e, mu, 0)
-    elif code == ACTIVATIONS["sigmoid"]:
-        out = torch.ops.aten.sigmoid_backward(e, mu)
-    else:
-        return e.clone() if scale is None else e * scale
-    return out if scale is None else out.mul_(scale)

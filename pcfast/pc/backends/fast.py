@@ -53,6 +53,7 @@ from pcfast.pc.backends.base import (
     weight_grads,
 )
 from pcfast.pc.backends.capture import CaptureCache, CudaGraphRelaxation
+from pcfast.pc.backends.dense_chain import DenseChain
 from pcfast.pc.backends.fast_strict import StrictRunner
 from pcfast.pc.backends.fpa_levels import applies as levels_apply
 from pcfast.pc.backends.fpa_levels import (
@@ -155,8 +156,9 @@ class FastBackend(PCBackend):
         self.autocast = autocast
         self.fpa_solver = fpa_solver
         self.captures = CaptureCache()
-        self._strict = StrictRunner(graph, kernels,
-                                    dense_chain=dense_chain if kernels == "auto" else "off")
+        self._chain = (DenseChain.of(graph, gram=dense_chain == "auto")
+                       if dense_chain != "off" and kernels == "auto" else None)
+        self._strict = StrictRunner(graph, kernels, self._chain)
         self._buffers: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._handed: torch.Tensor | None = None  # the flat buffer the last result holds
         # settings -> (path lengths sent, coefficients) of the path-length solver, or None
@@ -227,11 +229,14 @@ class FastBackend(PCBackend):
     def _run(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
         g = self.graph
         known = {}
-        chain = self._strict.chain
-        if chain is not None and self._chain_fpa_fits(x, s):
+        chain = self._chain
+        # A dense chain's FPA in closed form where the path-length solver would run (CPU).
+        solution = (self._level_solution(chain.plan, s)
+                    if chain is not None and chain.runs_on(x) and not self.autocast else None)
+        if solution is not None:
             mu1 = chain.first_prediction(x)
             if mu1.dim() == 2:  # (N, features), and so is every value of the chain
-                return chain.fpa(x, y, s, mu1)
+                return chain.fpa(x, y, s, mu1, solution[1])
             known[g.nodes[0].name] = mu1
         mus, rules = self._feedforward(x, known)
         logits = mus[g.output].detach().float() if self.autocast else mus[g.output].detach()
@@ -273,20 +278,6 @@ class FastBackend(PCBackend):
                 and all(r.capturable for r in rules.values()))
 
     # ------------------------------------------------------------------------------ setup
-    def _chain_fpa_fits(self, x: torch.Tensor, s: PCSettings) -> bool:
-        """Whether FPA on the dense chain runs in closed form (:mod:`.dense_chain`): on the
-        CPU, without autocast, where the path-length solver would run (plain FPA, ``fpa_solver``
-        not ``"steps"``; a chain of L nodes solves in L VJPs, stepped in about L T)."""
-        if x.device.type != "cpu" or self.autocast or x.dtype not in (torch.float32,
-                                                                      torch.float64):
-            return False
-        if self.fpa_solver == "steps" or not levels_apply(s):
-            return False
-        L = len(self.graph.nodes) - 1
-        first = s.schedule == "jacobi" and not s.state_momentum and s.T > 0
-        stepped = L * s.T - (L - 1 if first else 0)
-        return self.fpa_solver == "levels" or stepped > 1.5 * L  # solver_costs on a chain
-
     def _feedforward(self, x: torch.Tensor,
                      known: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict[str, Rule]]:
         """Every node's prediction (recorded by autograd) and the senders' rules; ``known``

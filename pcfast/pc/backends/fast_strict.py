@@ -45,7 +45,7 @@ from pcfast.pc.backends.base import (
     make_result,
     weight_grads,
 )
-from pcfast.pc.backends.dense_chain import DenseChain, find_dense_chain
+from pcfast.pc.backends.dense_chain import DenseChain
 from pcfast.pc.backends.steps import StateSteps, StopRule, clamp, relax, summed, weighted
 from pcfast.pc.energy import frozen_running_stats, output_energy
 from pcfast.pc.graph import PCGraph
@@ -58,11 +58,11 @@ class StrictRunner:
     Args:
         graph: the node graph.
         kernels: ``"auto"``, ``"triton"`` or ``"torch"``, for the fused ops inside the rules.
-        dense_chain: ``"auto"`` runs strict PC on a dense chain as one op on the CPU (see the
-            module doc), ``"straight"`` the same without the Gram matrix, ``"off"`` never.
+        chain: the graph's :class:`~.dense_chain.DenseChain`, whose strict op runs the batches
+            it takes on the CPU (see the module doc), or None.
     """
 
-    def __init__(self, graph: PCGraph, kernels: str, dense_chain: str = "auto") -> None:
+    def __init__(self, graph: PCGraph, kernels: str, chain: DenseChain | None = None) -> None:
         self.graph = graph
         self.kernels = kernels
         g = graph
@@ -72,9 +72,7 @@ class StrictRunner:
         self.needs = {n.name: [p != g.input_name for p in n.parents] for n in self.senders}
         self.fallback = {n.name for n in self.senders if not has_rule(n.fn)}
         self.node_of = {n.name: n for n in graph.nodes}
-        chain = find_dense_chain(graph) if dense_chain != "off" else None
-        self.chain = DenseChain(graph, chain) if chain is not None else None
-        self.gram_allowed = dense_chain == "auto"
+        self.chain = chain
 
     # -------------------------------------------------------------------- predictions
     def _feedforward(self, x: torch.Tensor,
@@ -198,7 +196,7 @@ class StrictRunner:
         if weight_step is None and self._chain_fits(x, s):
             mu1 = self.chain.first_prediction(x)
             if mu1.dim() == 2:  # (N, features), and so is every value of the chain
-                return self.chain.strict(x, y, s, mu1, self.gram_allowed)
+                return self.chain.strict(x, y, s, mu1)
             known[self.graph.nodes[0].name] = mu1.detach()
         g = self.graph
         params = g.parameters()
@@ -235,8 +233,8 @@ class StrictRunner:
 
     def _chain_fits(self, x: torch.Tensor, s: PCSettings) -> bool:
         """Whether the batch runs as one strict op on the dense chain (see the module doc)."""
-        return (self.chain is not None and x.device.type == "cpu" and self.chain.kernel_built()
-                and x.dtype in (torch.float32, torch.float64) and s.state_momentum == 0
+        return (self.chain is not None and self.chain.runs_on(x) and self.chain.kernel_built()
+                and s.state_momentum == 0
                 and s.error_clamp is None and s.tol is None and not s.record_energy
                 and self._unit_precisions(s))
 
