@@ -175,6 +175,41 @@ def test_seed_gap_scales_the_seeds_milestones_with_the_epochs(tmp_path):
     assert "after epochs 4, 8" in (tmp_path / "summary.md").read_text()
 
 
+def test_equal_epoch_gaps_pair_each_epoch_both_runs_finished():
+    from pcfast.experiments.report import equal_epoch_gaps
+
+    base = [{"epoch": 1, "test_acc": 0.50}, {"epoch": 2, "test_acc": 0.60},
+            {"epoch": 3, "test_acc": 0.70}]
+    # epoch 1 twice (an interrupted epoch re-run after a resume): the last row counts
+    other = [{"epoch": 1, "test_acc": 0.40}, {"epoch": 1, "test_acc": 0.45},
+             {"epoch": 2, "test_acc": 0.65}, {"epoch": 4, "test_acc": 0.9}]
+    got = equal_epoch_gaps(base, other)
+    assert [g[0] for g in got] == [1, 2]
+    assert [g[1:3] for g in got] == [(0.50, 0.45), (0.60, 0.65)]
+    assert [round(g[3], 10) for g in got] == [-0.05, 0.05]
+    assert equal_epoch_gaps(base, []) == []
+
+
+def test_seed_gap_summary_of_runs_still_training(tmp_path):
+    from pcfast.experiments.seed_gap import report
+
+    def rows(*accs):
+        return [{"epoch": i + 1, "step": 10 * (i + 1), "train_error": 0.5, "test_acc": a,
+                 "epoch_seconds": 60.0 + i} for i, a in enumerate(accs)]
+
+    results = {"bp": rows(0.60, 0.70, 0.75), "pc": rows(0.55, 0.72)}
+    report(_args(tmp_path, epochs=10, quick=False), results, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "`bp` has 3 of 10 epochs; `pc` has 2 of 10 epochs" in text
+    assert "| 1 | 60.00 | 55.00 | -5.00 |" in text
+    assert "| 2 | 70.00 | 72.00 | +2.00 |" in text
+    assert "| 3 |" not in text.split("equal epochs")[1]  # PC has no epoch 3 yet
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    finished = {"bp": rows(*[0.6] * 10), "pc": rows(*[0.6] * 10)}
+    report(_args(tmp_path, epochs=10, quick=False), finished, tmp_path)
+    assert "Still training" not in (tmp_path / "summary.md").read_text()
+
+
 def test_pc_vs_bp_gap_is_mean_and_half_range_over_seeds():
     from pcfast.experiments.pc_vs_bp import gap_rows
 

@@ -48,6 +48,25 @@ def final_metrics(rows: Rows) -> dict[str, Any]:
     }
 
 
+def equal_epoch_gaps(base: Rows, other: Rows) -> list[tuple[int, float, float, float]]:
+    """Test accuracy of two runs at every epoch both have finished, and the gap ``other - base``.
+
+    Returns ``(epoch, base acc, other acc, other - base)`` tuples (fractions), in epoch order;
+    only each run's last row per epoch counts (a resumed epoch appears once). The comparison a
+    run still in progress allows: the same recipe at the same point of its schedule.
+
+    Example::
+
+        equal_epoch_gaps([{"epoch": 1, "test_acc": 0.6}], [{"epoch": 1, "test_acc": 0.55}])
+        # [(1, 0.6, 0.55, -0.05)]  (up to rounding)
+    """
+    def by_epoch(rows: Rows) -> dict[int, float]:
+        return {r["epoch"]: r["test_acc"] for r in rows if r.get("test_acc") is not None}
+
+    a, b = by_epoch(base), by_epoch(other)
+    return [(e, a[e], b[e], b[e] - a[e]) for e in sorted(a.keys() & b.keys())]
+
+
 def median_epoch_seconds(rows: Rows) -> str:
     """The median of the rows' ``epoch_seconds`` as a table cell (``"—"`` without any)."""
     times = [r["epoch_seconds"] for r in rows if r.get("epoch_seconds") is not None]

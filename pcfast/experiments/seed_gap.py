@@ -25,6 +25,7 @@ from typing import Any
 
 from pcfast.experiments import register_experiment
 from pcfast.experiments.report import (
+    equal_epoch_gaps,
     final_metrics,
     markdown_table,
     median_epoch_seconds,
@@ -98,8 +99,22 @@ def report(args: Any, results: dict[str, list[dict[str, Any]]], out: Path) -> No
         markdown_table(["run", "rule", "epochs", "train error %", "final test acc %",
                         "best test acc %", "s/epoch (median)", "seed's figure (25 epochs)"],
                        table),
-        "![curves](curves.png)",
     ]
+    if not getattr(args, "iterations", None):  # an epoch budget: say which runs are unfinished
+        unfinished = [f"`{label}` has {final_metrics(rows)['epochs']} of {epochs} epochs"
+                      for label, rows in results.items() if final_metrics(rows)["epochs"] < epochs]
+        if unfinished:
+            sections.append("Still training: " + "; ".join(unfinished) + ". The same command "
+                            "resumes from the last finished epoch; until then compare at equal "
+                            "epochs (below), not the final columns.")
+    if "bp" in results and "pc" in results:
+        gaps = equal_epoch_gaps(results["bp"], results["pc"])
+        sections.append("Test accuracy at equal epochs (same recipe, same point of the "
+                        "schedule):\n\n" + markdown_table(
+                            ["epoch", "BP test acc %", "PC test acc %", "PC - BP (points)"],
+                            [[e, pct(bp), pct(pc), f"{100 * gap:+.2f}"]
+                             for e, bp, pc, gap in gaps]))
+    sections.append("![curves](curves.png)")
     write_summary(out / "summary.md", "BP vs PC on Res-DualNet, the seed's recipe", sections)
 
 
