@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seed", type=int, default=0)
     exp.add_argument("--quick", action="store_true",
                      help="tiny subsets and few steps: checks the experiment end to end")
+    exp.add_argument("--report", action="store_true",
+                     help="train nothing: write summary.md and curves.png from the epochs the "
+                          "runs have finished so far (also while they train in another process)")
     exp.set_defaults(func=_cmd_experiment)
     lst = sub.add_parser("list", help="models, rules, presets and experiments")
     lst.set_defaults(func=_cmd_list)

@@ -210,6 +210,29 @@ def test_seed_gap_summary_of_runs_still_training(tmp_path):
     assert "Still training" not in (tmp_path / "summary.md").read_text()
 
 
+def test_report_flag_tabulates_finished_epochs_and_trains_nothing(tmp_path):
+    run = load_all()["seed-gap"].fn
+    run(_args(tmp_path, epochs=10, iterations=2, rules=["pc"]))
+    before = (tmp_path / "pc" / "checkpoint.pt").stat().st_mtime_ns
+    trained = _rows(tmp_path / "pc" / "metrics.jsonl")
+    (tmp_path / "summary.md").unlink()
+    # a larger step budget: a run that trained would go on to step 4
+    got = run(_args(tmp_path, epochs=10, iterations=4, rules=["pc"], report=True))
+    assert got["pc"] == trained and trained[-1]["step"] == 2
+    assert (tmp_path / "pc" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert "| pc |" in (tmp_path / "summary.md").read_text()
+    from pcfast.cli import main
+
+    (tmp_path / "summary.md").unlink()
+    assert main(["experiment", "seed-gap", "--run-dir", str(tmp_path), "--epochs", "10",
+                 "--rules", "pc", "--report"]) == 0
+    assert "`pc` has 1 of 10 epochs" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "pc" / "checkpoint.pt").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match=r"run 'bp' has no finished epoch .*--rules"):
+        run(_args(tmp_path, epochs=10, rules=["bp", "pc"], report=True))
+    assert not (tmp_path / "bp").exists()
+
+
 def test_pc_vs_bp_gap_is_mean_and_half_range_over_seeds():
     from pcfast.experiments.pc_vs_bp import gap_rows
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pcfast.train import preset_config, run_training
+from pcfast.train.checkpoint import read_metrics
 
 # --quick: tiny subsets and two optimizer steps per run; checks an experiment end to end.
 QUICK = dict(train_subset=32, test_subset=32, val_split=32, batch_size=8, eval_batch_size=32,
@@ -56,6 +57,7 @@ def chosen_nets(args: Any, experiment: str, known, default) -> list[str]:
 def train_run(args: Any, experiment: str, name: str, preset: str,
               **options: Any) -> list[dict[str, Any]]:
     """Train (or resume, or just reload) run ``name`` of ``experiment``; returns its rows.
+    With ``args.report`` it trains nothing and returns the rows finished so far.
 
     ``options`` are the run's own settings on top of ``preset`` (model, model_kwargs,
     preprocess, ...); the command-line overrides win over both.
@@ -64,9 +66,23 @@ def train_run(args: Any, experiment: str, name: str, preset: str,
 
         rows = train_run(args, "resnet-depth", "plain20", "he-cifar", model="plain20")
     """
+    out = run_dir(args, experiment) / name
+    if getattr(args, "report", False):
+        return finished_rows(experiment, name, out)
     values = {**options, **overrides(args)}
-    values["out_dir"] = str(run_dir(args, experiment) / name)
+    values["out_dir"] = str(out)
     return run_training(preset_config(preset, **values))
+
+
+def finished_rows(experiment: str, name: str, out: Path) -> list[dict[str, Any]]:
+    """The metric rows run ``name`` has written so far (``--report``: nothing is trained)."""
+    rows = read_metrics(out / "metrics.jsonl")
+    if not rows:
+        raise ValueError(
+            f"{experiment} --report: run {name!r} has no finished epoch in {out} yet; the "
+            "report tabulates finished epochs only: train it first, or leave it out with "
+            "--rules/--nets")
+    return rows
 
 
 def chosen_rules(args: Any, experiment: str, known) -> list[str]:
