@@ -233,6 +233,22 @@ def test_report_flag_tabulates_finished_epochs_and_trains_nothing(tmp_path):
     assert not (tmp_path / "bp").exists()
 
 
+def test_median_epoch_seconds_leaves_out_epochs_that_shared_the_cpu():
+    from pcfast.experiments.report import median_epoch_seconds
+
+    def rows(*pairs):
+        return [{"epoch_seconds": t, "cpu_busy": b} for t, b in pairs]
+
+    assert median_epoch_seconds([]) == "—"
+    assert median_epoch_seconds(rows((10.0, 0.99), (12.0, 0.97), (50.0, 0.95))) == "12.0"
+    assert median_epoch_seconds(rows((10.0, 0.99), (12.0, 0.5), (30.0, 0.6), (11.0, 0.98))) \
+        == "10.5 (2 of 4 epochs alone on the CPU)"
+    assert median_epoch_seconds(rows((20.0, 0.5), (30.0, 0.6), (40.0, 0.7))) \
+        == "30.0 (every epoch shared the CPU)"
+    # rows without the field (GPU runs, older runs): the plain median
+    assert median_epoch_seconds([{"epoch_seconds": 5.0}, {"epoch_seconds": 9.0}]) == "7.0"
+
+
 def test_pc_vs_bp_gap_is_mean_and_half_range_over_seeds():
     from pcfast.experiments.pc_vs_bp import gap_rows
 

@@ -105,6 +105,8 @@ def test_a_resume_with_another_cpu_thread_count_says_so(tmp_path):
         torch.set_num_threads(1)
         rows = run_training(_cfg(tmp_path, rule="bp", epochs=1), log=lambda s: None)
         assert rows[0]["cpu_threads"] == 1
+        # the share of its thread's time the epoch got: a CPU-bound run uses most of it
+        assert 0.2 < rows[0]["cpu_busy"] < 1.5
         torch.set_num_threads(2)
         rows = run_training(_cfg(tmp_path, rule="bp", epochs=2, resume=True), log=lines.append)
     finally:

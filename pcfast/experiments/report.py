@@ -67,10 +67,29 @@ def equal_epoch_gaps(base: Rows, other: Rows) -> list[tuple[int, float, float, f
     return [(e, a[e], b[e], b[e] - a[e]) for e in sorted(a.keys() & b.keys())]
 
 
+# A CPU epoch whose training got at least this share of its threads' time had the cores to
+# itself (``cpu_busy`` in the metric rows; 0.99 measured on a quiet 2-core machine, 0.5-0.7
+# with a second training job running).
+UNCONTENDED = 0.9
+
+
 def median_epoch_seconds(rows: Rows) -> str:
-    """The median of the rows' ``epoch_seconds`` as a table cell (``"—"`` without any)."""
-    times = [r["epoch_seconds"] for r in rows if r.get("epoch_seconds") is not None]
-    return f"{statistics.median(times):.1f}" if times else "—"
+    """The median of the rows' ``epoch_seconds`` as a table cell (``"—"`` without any).
+
+    CPU rows carry ``cpu_busy``: where some epochs shared the CPU with other jobs the median is
+    taken over the others and the cell says over how many; where all did, it says so.
+    """
+    timed = [r for r in rows if r.get("epoch_seconds") is not None]
+    if not timed:
+        return "—"
+    median = statistics.median(r["epoch_seconds"] for r in timed)
+    busy = [r.get("cpu_busy") for r in timed]
+    if any(b is None for b in busy) or all(b >= UNCONTENDED for b in busy):
+        return f"{median:.1f}"
+    clean = [r["epoch_seconds"] for r, b in zip(timed, busy) if b >= UNCONTENDED]
+    if not clean:
+        return f"{median:.1f} (every epoch shared the CPU)"
+    return f"{statistics.median(clean):.1f} ({len(clean)} of {len(timed)} epochs alone on the CPU)"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

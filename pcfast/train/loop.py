@@ -231,7 +231,7 @@ class _Run:
         bar = tqdm(total=len(loader), desc=f"epoch {self.epoch + 1}/{total_epochs}",
                    disable=not cfg.progress or not self.dist.is_main, leave=False,
                    dynamic_ncols=True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for i, (x, y) in enumerate(loader):
             if cfg.iterations and self.step >= cfg.iterations:
                 break
@@ -249,8 +249,10 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
         bar.close()
-        means.update(seconds=seconds, images=seen * self.dist.world_size)  # equal local batches
+        means.update(seconds=seconds, cpu_seconds=cpu_seconds,
+                     images=seen * self.dist.world_size)  # equal local batches
         return means
 
     def _sync(self, sums: dict[str, torch.Tensor], seen: int, batch: int) -> dict[str, float]:
@@ -284,8 +286,13 @@ class _Run:
             "images_per_s": train["images"] / max(train["seconds"], 1e-9),
             "cpu_threads": torch.get_num_threads(),
         }
+        if self.device.type == "cpu":
+            # The share of its threads' time the epoch's training got: ~1 when the run had its
+            # cores to itself (it is compute-bound), ~0.5 when a job of its size shared them.
+            row["cpu_busy"] = train["cpu_seconds"] / max(
+                train["seconds"] * torch.get_num_threads(), 1e-9)
         for k, v in train.items():
-            if k not in ("loss", "accuracy", "seconds", "images"):
+            if k not in ("loss", "accuracy", "seconds", "cpu_seconds", "images"):
                 row[k] = v
         eval_error = 1.0 - test["acc"]
         if self.data.val is not None:
