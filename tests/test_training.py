@@ -13,6 +13,7 @@ import torch
 from pcfast.cli import main
 from pcfast.train import TrainConfig, TrainingDiverged, run_training
 from pcfast.train.checkpoint import load_checkpoint, read_metrics
+from pcfast.train.loop import TIMING_FIELDS
 from pcfast.train.rules import RULES, BPRule
 
 TINY = dict(model="mlp", model_kwargs={"hidden": [32], "batchnorm": True}, synthetic=True,
@@ -176,7 +177,7 @@ def test_the_same_run_in_two_fresh_processes_is_bitwise_the_same(tmp_path):
                         "--epochs", "2", "--seed", str(seed), "--no-progress", "--out-dir", str(out)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rows = read_metrics(out / "metrics.jsonl")
-        return [{k: v for k, v in r.items() if "second" not in k and "per_s" not in k}
+        return [{k: v for k, v in r.items() if k not in TIMING_FIELDS}
                 for r in rows], load_checkpoint(out / "checkpoint.pt")["model"]
 
     (rows_a, model_a), (rows_b, model_b) = run(tmp_path / "a"), run(tmp_path / "b")

@@ -42,6 +42,10 @@ CPU_PC_STEP_SECONDS_PER_256 = {"resdualnet": 1.0}
 SLOW_EPOCH_SECONDS = 600.0  # a CPU estimate above this gets a line pointing to --preset demo
 
 
+# The metric-row fields that measure time (they differ between two runs of one command).
+TIMING_FIELDS = ("epoch_seconds", "images_per_s", "cpu_busy")
+
+
 def cpu_threads_note(old: int, new: int) -> str:
     """The line a CPU resume prints when the checkpoint was written with another thread count."""
     return (f"--resume: the checkpoint was trained with {old} CPU threads, this process has "
