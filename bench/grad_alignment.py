@@ -48,7 +48,7 @@ def parse_setting(text: str) -> dict:
     return {"schedule": parts[0], "T": T, "rate": rate}
 
 
-def weight_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def weight_tensor_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The gradients of the multi-dimensional weights (convs, linears), by parameter name."""
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()
             if p.grad is not None and p.dim() > 1}
@@ -61,13 +61,13 @@ def alignment(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
-    bp = weight_grads(model)
+    bp = weight_tensor_grads(model)
     rows = [{"tensor": n, "bp_norm": g.norm().item()} for n, g in bp.items()]
     for s in settings:
         model.load_state_dict(state)
         model.zero_grad()
         PCEngine(model.pc_graph(), fpa=True, **s).compute_gradients(x, y)
-        pc = weight_grads(model)
+        pc = weight_tensor_grads(model)
         label = f"{s['schedule']}:{s['T']}"
         for row in rows:
             a, b = pc[row["tensor"]].flatten(), bp[row["tensor"]].flatten()

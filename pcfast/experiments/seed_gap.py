@@ -85,9 +85,10 @@ def describe(label: str) -> str:
 def report(args: Any, results: dict[str, list[dict[str, Any]]], out: Path) -> None:
     """``curves.png`` and ``summary.md`` of the runs (label -> metric rows)."""
     plot_error_panels({"Res-DualNet": results}, out / "curves.png", x="epoch")
+    finals = {label: final_metrics(rows) for label, rows in results.items()}
     table = []
     for label, rows in results.items():
-        m = final_metrics(rows)
+        m = finals[label]
         table.append([label, describe(label), m["epochs"], pct(m["final_train_error"]),
                       pct(m["test_acc"]), pct(1 - m["best_test_error"]),
                       median_epoch_seconds(rows), SEED_FIGURES[label]])
@@ -101,8 +102,8 @@ def report(args: Any, results: dict[str, list[dict[str, Any]]], out: Path) -> No
                        table),
     ]
     if not getattr(args, "iterations", None):  # an epoch budget: say which runs are unfinished
-        unfinished = [f"`{label}` has {final_metrics(rows)['epochs']} of {epochs} epochs"
-                      for label, rows in results.items() if final_metrics(rows)["epochs"] < epochs]
+        unfinished = [f"`{label}` has {m['epochs']} of {epochs} epochs"
+                      for label, m in finals.items() if m["epochs"] < epochs]
         if unfinished:
             sections.append("Still training: " + "; ".join(unfinished) + ". The same command "
                             "resumes from the last finished epoch; until then compare at equal "

@@ -293,8 +293,8 @@ class _Run:
         if self.device.type == "cpu":
             # The share of its threads' time the epoch's training got: ~1 when the run had its
             # cores to itself (it is compute-bound), ~0.5 when a job of its size shared them.
-            row["cpu_busy"] = train["cpu_seconds"] / max(
-                train["seconds"] * torch.get_num_threads(), 1e-9)
+            row["cpu_busy"] = train["cpu_seconds"] / max(train["seconds"] * row["cpu_threads"],
+                                                         1e-9)
         for k, v in train.items():
             if k not in ("loss", "accuracy", "seconds", "cpu_seconds", "images"):
                 row[k] = v
