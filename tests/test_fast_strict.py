@@ -218,10 +218,8 @@ def test_nodes_without_a_rule_run_on_the_autograd_fallback(mode):
         torch.testing.assert_close(q, p, **TOL)
 
 
-def test_sequential_sweep_predicts_each_node_once_on_a_chain(monkeypatch):
-    """A prediction depends on the parents only: on a chain, the one a node makes on its own
-    turn is still current on its parent's turn, so a sweep predicts every node once (the first
-    hidden node reads the clamped input and keeps its feedforward prediction)."""
+def _count_predictions(monkeypatch) -> list[str]:
+    """The node names :meth:`StrictRunner.predict_node` is called with, in order."""
     from pcfast.pc.backends.fast_strict import StrictRunner
 
     calls: list[str] = []
@@ -232,15 +230,47 @@ def test_sequential_sweep_predicts_each_node_once_on_a_chain(monkeypatch):
         return original(self, node, *args, **kwargs)
 
     monkeypatch.setattr(StrictRunner, "predict_node", counting)
-    torch.manual_seed(0)
+    return calls
+
+
+def _chain_graph():
     layers = [nn.Sequential(nn.Linear(5, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 6), nn.Tanh()),
               nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Linear(6, 4)]
-    graph = sequential_graph(layers, ["a", "b", "c", "out"])
+    return sequential_graph(layers, ["a", "b", "c", "out"])
+
+
+def test_sequential_sweep_predicts_each_node_once_on_a_chain(monkeypatch):
+    """A prediction depends on the parents only: on a chain, the one a node makes on its own
+    turn is still current on its parent's turn, so a sweep predicts every node once (the first
+    hidden node reads the clamped input and keeps its feedforward prediction). The first sweep
+    starts at the feedforward values, whose predictions and rules the feedforward pass made."""
+    calls = _count_predictions(monkeypatch)
+    torch.manual_seed(0)
     x, y = torch.randn(7, 5), torch.randint(0, 4, (7,))
-    engine = PCEngine(graph, T=3, rate=0.3, fpa=False, schedule="sequential", backend="fast",
-                      backend_options={"dense_chain": "off"})
+    engine = PCEngine(_chain_graph(), T=3, rate=0.3, fpa=False, schedule="sequential",
+                      backend="fast", backend_options={"dense_chain": "off"})
     engine.compute_gradients(x, y)
     assert engine.last_backend == "fast"
-    # per sweep: c and out on c's turn, b on b's, a (kept) on a's; out and c again only
-    # after their parent moved, i.e. on the next sweep
-    assert calls == ["out", "c", "b", "a"] * 3
+    # the feedforward derives the senders' rules (a reads the input: no rule); sweep 1
+    # predicts nothing; later sweeps: c and out on c's turn, b on b's, a (kept) on a's
+    assert calls == ["b", "c", "out"] + ["out", "c", "b", "a"] * 2
+
+
+@pytest.mark.parametrize("mode", [dict(fpa=False, schedule="jacobi"), dict(fpa=False, epc=True)],
+                         ids=["strict-jacobi", "epc"])
+def test_first_step_reuses_the_feedforward_predictions(monkeypatch, mode):
+    """Strict jacobi and ePC: the first step's values are the feedforward's (ePC: zero
+    errors), so it reuses that pass's predictions and rules: T steps predict the graph T - 1
+    times after the feedforward, not T times."""
+    calls = _count_predictions(monkeypatch)
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 5), torch.randint(0, 4, (7,))
+    engine = PCEngine(_chain_graph(), T=3, rate=0.3, backend="fast",
+                      backend_options={"dense_chain": "off"}, **mode)
+    engine.compute_gradients(x, y)
+    assert engine.last_backend == "fast"
+    assert calls[:3] == ["b", "c", "out"]  # the feedforward's senders
+    # then every node once per later step (a keeps its feedforward prediction); ePC forms
+    # its final values with one more pass
+    passes = 2 + (1 if mode.get("epc") else 0)
+    assert calls[3:] == ["a", "b", "c", "out"] * passes

@@ -75,17 +75,27 @@ class StrictRunner:
         self.chain = chain
 
     # -------------------------------------------------------------------- predictions
-    def _feedforward(self, x: torch.Tensor,
-                     known: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def _feedforward(self, x: torch.Tensor, known: dict[str, torch.Tensor] | None = None,
+                     with_rules: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
         """The one pass that moves BatchNorm running statistics (as the reference's); the
-        predictions in ``known`` were already made."""
+        predictions in ``known`` were already made. With ``with_rules`` it also returns
+        ``{name: (mu, rule)}`` for the senders: every value starts at its prediction, so these
+        are the first inference step's predictions and rules, which that step then reuses
+        instead of predicting the whole graph again at the same values."""
         g = self.graph
         ff = {g.input_name: x, **(known or {})}
+        first: dict[str, tuple[torch.Tensor, Rule | None]] = {}
         with torch.no_grad():
             for node in g.nodes:
-                if node.name not in ff:
+                if node.name in ff:
+                    continue
+                if with_rules and node.name in self.sender_names:
+                    mu, rule = self.predict_node(node, ff, {}, grad=False)
+                    first[node.name] = (mu, rule)
+                    ff[node.name] = mu.detach()
+                else:
                     ff[node.name] = node.fn(*(ff[p] for p in node.parents))
-        return ff
+        return ff, first
 
     def _predict(self, values: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
                  grad: bool = False) -> tuple[dict, dict[str, Rule]]:
@@ -167,7 +177,8 @@ class StrictRunner:
     @staticmethod
     def _update(name, value, mu, e_w, backs, s: PCSettings, steps: StateSteps,
                 t: int) -> torch.Tensor:
-        """``x - rate (pi e - clamp(sum(backs)))`` (or the momentum step on that gradient).
+        """``x - rate (pi e - clamp(sum(backs)))`` (or the momentum step on that gradient);
+        ``e_w`` (``pi e``) is formed here from ``value`` and ``mu`` where it is None.
 
         Plain steps with ``pi = 1`` and no clamp are one ``pc_relax`` pass:
         ``x - rate (x - mu - back) = lerp(x, mu + sum(backs), rate)``. Otherwise
@@ -175,13 +186,17 @@ class StrictRunner:
         forms ``pi e + rate (clamp(back) - pi e)``, and ``x - pi e`` is the prediction itself
         where ``pi = 1`` (so that unit precisions give bit-identical results)."""
         backs = backs or []
+        if (not s.state_momentum and s.error_clamp is None and _unit(name, s, t)
+                and len(backs) < 4):
+            out = torch.empty_like(value)
+            pc_relax(value, [mu.detach(), *backs], s.rate, None, out)
+            return out
+        if e_w is None:
+            e_w = weighted(name, value - mu.detach(), s, t)
         if s.state_momentum:
             back = summed(backs, value.dtype) if backs else torch.zeros_like(value)
             return steps.update(name, value, e_w - clamp(back, s))
         out = torch.empty_like(value)
-        if s.error_clamp is None and _unit(name, s, t) and len(backs) < 4:
-            pc_relax(value, [mu.detach(), *backs], s.rate, None, out)
-            return out
         if not backs:
             backs = [torch.zeros_like(value)]
         pc_relax(e_w, backs, s.rate, s.error_clamp, out)
@@ -201,7 +216,7 @@ class StrictRunner:
         g = self.graph
         params = g.parameters()
         n = x.shape[0]
-        ff = self._feedforward(x, known)
+        ff, first = self._feedforward(x, known, with_rules=weight_step is None)
         logits = ff[g.output]
         self._target = F.one_hot(y, logits.shape[1]).to(logits.dtype)  # formed once per batch
         # Under iPC the weights move at every step: no prediction stays fixed.
@@ -223,9 +238,10 @@ class StrictRunner:
                     self._ipc_step(values, fixed, s, steps, t, params, n)
                     weight_step()
                 elif s.schedule == "jacobi":
-                    self._jacobi_step(values, fixed, s, steps, t)
+                    self._jacobi_step(values, fixed, s, steps, t, ff if t == 0 else None, first)
                 else:
-                    self._sequential_sweep(values, fixed, s, steps, t)
+                    self._sequential_sweep(values, fixed, s, steps, t,
+                                           self._at_feedforward(ff, first) if t == 0 else None)
                 if s.record_energy:
                     trace.append(self._energy(values, fixed, y, s, t + 1))
             return self._finish(x, y, s, values, logits, trace, taken,
@@ -246,8 +262,19 @@ class StrictRunner:
         names = [*self.graph.hidden, self.graph.output]
         return all(_unit(name, s, t) for t in range(s.T + 1) for name in names)
 
-    def _jacobi_step(self, values, fixed, s, steps, t) -> None:
-        mus, rules = self._predict(values, fixed)
+    def _at_feedforward(self, ff: dict[str, torch.Tensor],
+                        first: dict[str, tuple]) -> dict[str, tuple[torch.Tensor, Rule | None]]:
+        """Every node's ``(prediction, rule)`` while the values are still the feedforward's."""
+        return {n.name: first.get(n.name, (ff[n.name], None)) for n in self.graph.nodes}
+
+    def _jacobi_step(self, values, fixed, s, steps, t, ff=None, first=None) -> None:
+        """One jacobi step; ``ff`` and ``first`` (:meth:`_feedforward`'s) on the first step,
+        whose predictions and rules they already are."""
+        if ff is None:
+            mus, rules = self._predict(values, fixed)
+        else:
+            mus = {n.name: ff[n.name] for n in self.graph.nodes}
+            rules = {k: rule for k, (_, rule) in first.items() if rule is not None}
         errors, sent = self._errors(values, mus, s, t)
         back = self._propagate(rules, sent)
         for name in self.graph.hidden:
@@ -275,7 +302,7 @@ class StrictRunner:
             p.grad = None
         accumulate(ps, grads, n, sign=-1.0)
 
-    def _sequential_sweep(self, values, fixed, s, steps, t) -> None:
+    def _sequential_sweep(self, values, fixed, s, steps, t, current=None) -> None:
         """One top-down sweep: each hidden node ``u`` moves on its own error and its children's
         errors at the current values.
 
@@ -283,21 +310,25 @@ class StrictRunner:
         (with its rule, where it is a sender) is still current on its parent's turn, unless
         another parent of that node moved in between (merges): each node's prediction is
         computed once per sweep instead of twice, and recomputed only after a parent moved.
+        ``current``: the predictions and rules already known at the values (the first sweep's
+        are the feedforward's, :meth:`_at_feedforward`). The moving node's own error is formed
+        only where its update reads it (plain steps read ``x`` and ``mu`` instead).
         """
         g = self.graph
-        current: dict[str, tuple[torch.Tensor, Rule | None]] = {}
+        current = dict(current) if current else {}
         for name in reversed(g.hidden):
             kids = g.children[name]
-            mus, rules = {}, {}
+            kid_mus, rules = {}, {}
             for node in [*kids, self.node_of[name]]:
                 if node.name not in current:
                     current[node.name] = self.predict_node(node, values, fixed, grad=False)
-                mus[node.name], rule = current[node.name]
-                if rule is not None and node.name != name:
-                    rules[node.name] = rule
-            errors, sent = self._errors(values, mus, s, t)
+            for kid in kids:
+                kid_mus[kid.name], rule = current[kid.name]
+                if rule is not None:
+                    rules[kid.name] = rule
+            _, sent = self._errors(values, kid_mus, s, t)
             back = self._propagate(rules, sent, into=name)
-            values[name] = self._update(name, values[name], mus[name], sent[name],
+            values[name] = self._update(name, values[name], current[name][0], None,
                                         back.get(name), s, steps, t)
             for kid in kids:  # their parent moved: predict them again if asked
                 current.pop(kid.name, None)
@@ -324,7 +355,7 @@ class StrictRunner:
     def run_epc(self, x: torch.Tensor, y: torch.Tensor, s: PCSettings) -> PCResult:
         """Error-based PC on one batch (jacobi, no clamp: validated by the front)."""
         g = self.graph
-        ff = self._feedforward(x)
+        ff, first = self._feedforward(x, with_rules=True)
         logits = ff[g.output]
         self._target = F.one_hot(y, logits.shape[1]).to(logits.dtype)  # formed once per batch
         fixed = {k: ff[k] for k in g.hidden if k not in self.sender_names}
@@ -333,7 +364,11 @@ class StrictRunner:
         with frozen_running_stats(g.modules):
             stop, taken = StopRule(s), s.T
             for t in range(s.T):
-                values, rules = self._epc_forward(x, errors, fixed, with_rules=True)
+                if t == 0:  # zero errors: the values and rules are the feedforward's
+                    values = ff
+                    rules = {k: rule for k, (_, rule) in first.items() if rule is not None}
+                else:
+                    values, rules = self._epc_forward(x, errors, fixed, with_rules=True)
                 out = values[g.output]
 
                 def energy(t=t, out=out) -> torch.Tensor:
