@@ -238,10 +238,11 @@ class StrictRunner:
                     self._ipc_step(values, fixed, s, steps, t, params, n)
                     weight_step()
                 elif s.schedule == "jacobi":
-                    self._jacobi_step(values, fixed, s, steps, t, ff if t == 0 else None, first)
+                    self._jacobi_step(values, fixed, s, steps, t, ff if first else None, first)
                 else:
                     self._sequential_sweep(values, fixed, s, steps, t,
-                                           self._at_feedforward(ff, first) if t == 0 else None)
+                                           self._at_feedforward(ff, first) if first else None)
+                first = None  # the values moved: free the feedforward's rules
                 if s.record_energy:
                     trace.append(self._energy(values, fixed, y, s, t + 1))
             return self._finish(x, y, s, values, logits, trace, taken,
@@ -364,9 +365,10 @@ class StrictRunner:
         with frozen_running_stats(g.modules):
             stop, taken = StopRule(s), s.T
             for t in range(s.T):
-                if t == 0:  # zero errors: the values and rules are the feedforward's
+                if first is not None:  # zero errors: the values and rules are the feedforward's
                     values = ff
                     rules = {k: rule for k, (_, rule) in first.items() if rule is not None}
+                    first = None
                 else:
                     values, rules = self._epc_forward(x, errors, fixed, with_rules=True)
                 out = values[g.output]
