@@ -247,6 +247,12 @@ def test_median_epoch_seconds_leaves_out_epochs_that_shared_the_cpu():
         == "30.0 (every epoch shared the CPU)"
     # rows without the field (GPU runs, older runs): the plain median
     assert median_epoch_seconds([{"epoch_seconds": 5.0}, {"epoch_seconds": 9.0}]) == "7.0"
+    # a run resumed across the field's introduction: its older epochs count as unmeasured
+    older = [{"epoch_seconds": 900.0}, {"epoch_seconds": 1900.0}]
+    assert median_epoch_seconds(older + rows((830.0, 0.97), (880.0, 0.96), (1500.0, 0.6))) \
+        == "855.0 (2 of 5 epochs measured alone on the CPU)"
+    assert median_epoch_seconds(older + rows((1500.0, 0.6))) \
+        == "1500.0 (no epoch measured alone on the CPU)"
 
 
 def test_pc_vs_bp_gap_is_mean_and_half_range_over_seeds():

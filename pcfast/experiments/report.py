@@ -77,19 +77,25 @@ def median_epoch_seconds(rows: Rows) -> str:
     """The median of the rows' ``epoch_seconds`` as a table cell (``"—"`` without any).
 
     CPU rows carry ``cpu_busy``: where some epochs shared the CPU with other jobs the median is
-    taken over the others and the cell says over how many; where all did, it says so.
+    taken over the others and the cell says over how many; where all did, it says so. A run
+    resumed across versions has rows without the field (trained before it was recorded): those
+    count as unmeasured, and the cell says "measured alone" then.
     """
     timed = [r for r in rows if r.get("epoch_seconds") is not None]
     if not timed:
         return "—"
     median = statistics.median(r["epoch_seconds"] for r in timed)
     busy = [r.get("cpu_busy") for r in timed]
-    if any(b is None for b in busy) or all(b >= UNCONTENDED for b in busy):
+    known = [b for b in busy if b is not None]
+    measured_all = len(known) == len(busy)
+    if not known or (measured_all and min(known) >= UNCONTENDED):
         return f"{median:.1f}"
-    clean = [r["epoch_seconds"] for r, b in zip(timed, busy) if b >= UNCONTENDED]
+    clean = [r["epoch_seconds"] for r, b in zip(timed, busy) if b is not None and b >= UNCONTENDED]
     if not clean:
-        return f"{median:.1f} (every epoch shared the CPU)"
-    return f"{statistics.median(clean):.1f} ({len(clean)} of {len(timed)} epochs alone on the CPU)"
+        return f"{median:.1f} ({'every epoch shared' if measured_all else 'no epoch measured alone on'}" \
+            " the CPU)"
+    alone = "alone" if measured_all else "measured alone"
+    return f"{statistics.median(clean):.1f} ({len(clean)} of {len(timed)} epochs {alone} on the CPU)"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
