@@ -269,6 +269,31 @@ def test_pc_vs_bp_gap_is_mean_and_half_range_over_seeds():
     assert got["fpa"][3:] == ["-4.00", "1.00"]  # gaps -5, -3 points
     assert got["strict"][3:] == ["-15.50", "0.50"]  # gaps -15, -16 points
 
+    # a run short of the planned epochs (still training) stays out of the gaps
+    results["cnn-strict-s1"] = rows(0.46)
+    got = {r[1]: r for r in gap_rows(results, ["cnn"], [0, 1], epochs=2)}
+    assert got["strict"][2:] == [1, "-15.00", "0.00"]  # seed 0 alone
+    results["cnn-strict-s0"] = rows(0.40)
+    assert "strict" not in {r[1] for r in gap_rows(results, ["cnn"], [0, 1], epochs=2)}
+    assert got["fpa"][2:] == [2, "-4.00", "1.00"]
+
+
+def test_pc_vs_bp_summary_names_unfinished_runs(tmp_path):
+    from pcfast.experiments.pc_vs_bp import report
+
+    def rows(*accs):
+        return [{"epoch": i + 1, "train_error": 0.5, "test_acc": a, "test_error": 1 - a}
+                for i, a in enumerate(accs)]
+
+    results = {"cnn-bp-s0": rows(0.50, 0.60), "cnn-strict-s0": rows(0.20)}
+    report(tmp_path, results, ["cnn"], [0], epochs=2)
+    text = (tmp_path / "summary.md").read_text()
+    assert "Still training: `cnn-strict-s0` has 1 of 2 epochs" in text
+    assert "| cnn | strict |" not in text  # no gap from the unfinished run
+    report(tmp_path, {**results, "cnn-strict-s0": rows(0.20, 0.30)}, ["cnn"], [0], epochs=2)
+    text = (tmp_path / "summary.md").read_text()
+    assert "Still training" not in text and "| cnn | strict | 1 | -30.00 |" in text
+
 
 def test_experiments_train_subset_and_nets_flags(tmp_path):
     results = load_all()["pc-vs-bp"].fn(_args(tmp_path, nets=["cnn"], train_subset=16,

@@ -15,6 +15,8 @@ normalisation, 20 epochs):
 Writes ``curves.png`` (test and training error per epoch) and ``summary.md``: per run the final
 and best test accuracy and the median seconds per epoch; per net and PC rule the gap PC - BP in
 best test accuracy, as the mean over the seeds with the spread (half the range) across them.
+A run with fewer epochs than planned (still training, resumable) is listed as such and left out
+of the gaps until it finishes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from pcfast.experiments.report import (
     plot_error_panels,
     write_summary,
 )
-from pcfast.experiments.runner import chosen_nets, chosen_rules, run_dir, train_run
+from pcfast.experiments.runner import (
+    chosen_nets,
+    chosen_rules,
+    planned_epochs,
+    run_dir,
+    train_run,
+)
 from pcfast.models import build_model
 from pcfast.train.presets import register_preset
 
@@ -62,16 +70,22 @@ def rule_options(net: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def gap_rows(results: dict[str, list[dict[str, Any]]], nets, seeds) -> list[list[Any]]:
+def gap_rows(results: dict[str, list[dict[str, Any]]], nets, seeds,
+             epochs: int | None = None) -> list[list[Any]]:
     """Per net and PC rule: best test accuracy gap PC - BP, mean over seeds and half-range
-    (over the seeds that trained both; a rule without any such seed has no row)."""
+    (over the seeds that trained both, each to ``epochs`` epochs where given; a rule without
+    any such seed has no row)."""
+
+    def finished(run: list[dict[str, Any]] | None) -> bool:
+        return bool(run) and (epochs is None or final_metrics(run)["epochs"] >= epochs)
+
     rows = []
     for net in nets:
         for label in RULES[1:]:
             gaps = []
             for s in seeds:
                 pc_run, bp_run = results.get(f"{net}-{label}-s{s}"), results.get(f"{net}-bp-s{s}")
-                if not pc_run or not bp_run:
+                if not finished(pc_run) or not finished(bp_run):
                     continue
                 pc = final_metrics(pc_run)["best_test_error"]
                 bp = final_metrics(bp_run)["best_test_error"]
@@ -105,19 +119,23 @@ def run(args: Any) -> dict[str, list[dict[str, Any]]]:
                 name = f"{net}-{label}-s{s}"
                 results[name] = train_run(_with_seed(args, s), NAME, name, PRESET, model=model,
                                           model_kwargs=kwargs, **options)
-    report(out, results, nets, seeds)
+    report(out, results, nets, seeds, planned_epochs(args, PRESET))
     return results
 
 
-def report(out, results: dict[str, list[dict[str, Any]]], nets, seeds) -> None:
-    """``curves.png`` and ``summary.md`` of the runs ``{net}-{rule}-s{seed}`` in ``results``."""
+def report(out, results: dict[str, list[dict[str, Any]]], nets, seeds,
+           epochs: int | None = None) -> None:
+    """``curves.png`` and ``summary.md`` of the runs ``{net}-{rule}-s{seed}`` in ``results``;
+    ``epochs``: the planned length (None under a step budget), against which runs count as
+    unfinished."""
     settings = {f"{net}-{label}-s{s}": options for net in nets
                 for label, options in rule_options(net).items() for s in seeds}
     panels = {net: {k: v for k, v in results.items() if k.startswith(f"{net}-")} for net in nets}
     plot_error_panels(panels, out / "curves.png", x="epoch")
+    finals = {name: final_metrics(rows) for name, rows in results.items()}
     table = []
     for name, rows in results.items():
-        m = final_metrics(rows)
+        m = finals[name]
         o = settings[name]
         rule = "BP" if o["rule"] == "bp" else (
             f"PC {'FPA' if o['fpa'] else 'strict'} {o['schedule']} T={o['T']} rate {o['rate']}")
@@ -131,9 +149,15 @@ def report(out, results: dict[str, list[dict[str, Any]]], nets, seeds) -> None:
                                         "s/epoch (median)"], table),
         "## Gap PC - BP (best test accuracy, points)\n\n"
         + markdown_table(["net", "PC rule", "seeds", "mean gap", "spread (half range)"],
-                         gap_rows(results, nets, seeds)),
+                         gap_rows(results, nets, seeds, epochs)),
         "![curves](curves.png)",
     ]
+    unfinished = [f"`{name}` has {m['epochs']} of {epochs} epochs" for name, m in finals.items()
+                  if epochs is not None and m["epochs"] < epochs]
+    if unfinished:
+        sections.insert(2, "Still training: " + "; ".join(unfinished) + ". The same command "
+                        "resumes from the last finished epoch; the gaps below leave these runs "
+                        "out until they finish.")
     write_summary(out / "summary.md", "PC vs BP on the same conv nets", sections)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from pcfast.train import preset_config, run_training
 from pcfast.train.checkpoint import read_metrics
+from pcfast.train.presets import PRESETS
 
 # --quick: tiny subsets and two optimizer steps per run; checks an experiment end to end.
 QUICK = dict(train_subset=32, test_subset=32, val_split=32, batch_size=8, eval_batch_size=32,
@@ -43,6 +44,13 @@ def overrides(args: Any) -> dict[str, Any]:
     if getattr(args, "quick", False):
         values["progress"] = False
     return values
+
+
+def planned_epochs(args: Any, preset: str) -> int | None:
+    """The epochs each run of ``preset`` trains under this command line; None under a step
+    budget (``--iterations``, ``--quick``), where runs have no planned epoch count."""
+    values = {**PRESETS[preset], **overrides(args)}
+    return None if values.get("iterations") else values.get("epochs")
 
 
 def chosen_nets(args: Any, experiment: str, known, default) -> list[str]:
