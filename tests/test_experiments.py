@@ -335,3 +335,30 @@ def test_cli_passes_rules_and_seeds(tmp_path, monkeypatch):
     assert cli.main(["experiment", "pc-vs-bp", "--rules", "bp", "fpa", "--seeds", "1",
                      "--run-dir", str(tmp_path)]) == 0
     assert seen == {"rules": ["bp", "fpa"], "seeds": 1}
+
+
+def test_pc_vs_bp_strict_rate_lowers_the_energy_at_every_step():
+    """The strict row's inference must be stable on cnn: each of 6 sequential sweeps (twice the
+    row's T) lowers the energy, on a random batch at init. At the seed's rate 0.5 the energy
+    rises from the 4th sweep (the rate the row had; its mid-layer gradients then pointed
+    against BP's)."""
+    from pcfast.experiments.model_zoo import ZOO
+    from pcfast.experiments.pc_vs_bp import rule_options
+    from pcfast.models import build_model
+    from pcfast.pc import PCEngine
+
+    options = rule_options("cnn")["strict"]
+    model, kwargs = ZOO["cnn"]
+    torch.manual_seed(0)
+    net = build_model(model, **kwargs)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+
+    def trace(rate):
+        engine = PCEngine(net.pc_graph(), fpa=False, schedule=options["schedule"], T=6,
+                          rate=rate, record_energy=True)
+        return [float(e) for e in engine.compute_gradients(x, y).energy_trace]
+
+    energies = trace(options["rate"])
+    assert all(b < a for a, b in zip(energies, energies[1:])), energies
+    unstable = trace(0.5)
+    assert any(b > a for a, b in zip(unstable, unstable[1:])), unstable
